@@ -86,8 +86,8 @@ def _parse_map(items: list[str] | None) -> dict[str, str]:
         target, sep, field_name = item.partition("=")
         if not sep or not target or not field_name:
             raise ConfigError(f"--map {item!r}: expected TARGET=FIELD, e.g. --map question=instruction answer=output")
-        if target not in ("question", "answer", "source"):
-            raise ConfigError(f"--map {item!r}: target must be question, answer or source")
+        if target not in ("question", "answer", "source", "messages"):
+            raise ConfigError(f"--map {item!r}: target must be question, answer, source or messages")
         mapping[target] = field_name
     return mapping
 
@@ -118,7 +118,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, tokenizer, what = load_for_generation(args.model)
     prompts = args.prompt if args.raw else [prompt_text(tokenizer, p, args.template) for p in args.prompt]
-    for p, text in zip(args.prompt, generate_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens)):
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                           add_special_tokens=args.raw or args.template == "default")
+    for p, text in zip(args.prompt, texts):
         print(f"[{what}] {p}\n{text.strip()}\n")
     return 0
 

@@ -141,6 +141,7 @@ class TrainingConfig:
         None, "Continue from a checkpoint: `auto` (newest complete one in output_dir) or a checkpoint path."
     )
     progress: bool = _f(True, "Show progress bars.")
+    dist_timeout_s: int = _f(1800, "Seconds a collective may wait for a peer before the run fails.", min=1)
 
 
 @dataclass
@@ -196,6 +197,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
+        if value is False and "no" in choices:
+            value = "no"  # YAML 1.1 reads a bare `no` as false: `eval_strategy: no` means the string
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose {_type_name(tp)}")
         return value

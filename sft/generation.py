@@ -13,8 +13,11 @@ from sft.errors import ModelError
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32,
-                   progress: bool = False, desc: str = "generating") -> list[str]:
-    """Greedy continuations of ``prompts`` (batched, left-padded), cut at EOS; prompt tokens excluded."""
+                   progress: bool = False, desc: str = "generating", add_special_tokens: bool = True) -> list[str]:
+    """Greedy continuations of ``prompts`` (batched, left-padded), cut at EOS; prompt tokens excluded.
+
+    ``add_special_tokens=False`` for chat-template prompts: the template already wrote BOS where it wants one
+    (tokenizing them like training does, see sft.data.formatting)."""
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -26,7 +29,7 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 3
     try:
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, unit="batch"):
             chunk = prompts[i : i + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id, use_cache=True,

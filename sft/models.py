@@ -61,17 +61,19 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
         rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu",
     ),
-    # Tiny shapes for tests: seconds to train, same code paths as the real ones.
+    # Tiny shapes for tests: seconds to train, same code paths as the real ones. A larger init scale than the
+    # real models' 0.02: with a frozen random head of std 0.02 over 49k ids, logits cannot move more than ~1,
+    # so LoRA could barely lower the loss and "the loss drops" would be a weak test.
     "tiny-llama": dict(
-        model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        model_type="llama", vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
-        rope_theta=10000.0, tie_word_embeddings=True, hidden_act="silu",
+        rope_theta=10000.0, tie_word_embeddings=True, hidden_act="silu", initializer_range=0.1,
     ),
     "tiny-opt": dict(
-        model_type="opt", vocab_size=50272, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        ffn_dim=128, max_position_embeddings=2048, word_embed_proj_dim=64, do_layer_norm_before=True,
+        model_type="opt", vocab_size=50272, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+        ffn_dim=256, max_position_embeddings=2048, word_embed_proj_dim=128, do_layer_norm_before=True,
         dropout=0.1, attention_dropout=0.0, activation_function="relu", pad_token_id=1, bos_token_id=2,
-        eos_token_id=2, tie_word_embeddings=True,
+        eos_token_id=2, tie_word_embeddings=True, init_std=0.1,
     ),
 }
 
@@ -312,9 +314,13 @@ def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42,
                 model = build_random(source.path, seed)
                 model.config._attn_implementation = cfg.attn_implementation
         elif source.kind == "gguf":
-            # GGUF weights are dequantized on load; fp32 first, then the dtype policy below.
-            kw = {k: v for k, v in common.items() if k != "dtype"}
-            model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32, **kw)
+            if quant.mode == "nf4":
+                model = AutoModelForCausalLM.from_pretrained(dense_copy_of_gguf(source.path, source.gguf_file), **common)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    dense_copy_of_gguf(source.path, source.gguf_file), dtype=torch.float32,
+                    attn_implementation=cfg.attn_implementation,
+                )
         else:
             model = AutoModelForCausalLM.from_pretrained(source.path, revision=cfg.revision, **common)
     except (OSError, ValueError) as e:
@@ -324,24 +330,49 @@ def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42,
     return model
 
 
+def _atomic_save(out: Path, save) -> Path:
+    """Run ``save(tmp_dir)`` then rename to ``out``; a crash leaves no half-written cache entry."""
+    import shutil
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
+    try:
+        save(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").exists():
+            raise
+    return out
+
+
+def dense_copy_of_gguf(folder: str, file: str) -> Path:
+    """GGUF -> a dense fp32 safetensors copy in the cache, made once.
+
+    transformers dequantizes GGUF tensors on every load (~6 s for 135M, minutes for 7B) and marks the result
+    as a quantized model, which forbids dtype casts and confuses PEFT although the layers are plain dense
+    ``nn.Linear``. Loading the dense copy is ~1 s and gives an ordinary model."""
+    from transformers import AutoModelForCausalLM
+
+    key = Path(file).stem + "-" + str(os.path.getsize(os.path.join(folder, file)))
+    out = cache_dir() / "gguf" / key
+    if (out / "config.json").exists():
+        return out
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return _atomic_save(out, lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
+
+
 def materialize_arch(arch: str, seed: int) -> Path:
     """Save a random-init architecture as safetensors in the cache (once per arch and seed)."""
     out = cache_dir() / "arch" / f"{arch}-seed{seed}"
     if (out / "config.json").exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     model = build_random(arch, seed, dtype=torch.bfloat16)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
-    try:
-        model.save_pretrained(tmp, max_shard_size="2GB")
-        os.replace(tmp, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / "config.json").exists():
-            raise
-    return out
+    return _atomic_save(out, lambda tmp: model.save_pretrained(tmp, max_shard_size="2GB"))
 
 
 def apply_dtype_policy(model: torch.nn.Module, policy: str) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from sft import distributed as dist
 from sft.config import RunConfig
-from sft.errors import DataError
+from sft.errors import DataError, SftError
 from sft.metrics import StepTimer, flops_per_token, peak_rss_bytes
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _count_blocks(cfg: RunConfig, tokenizer, source) -> int:
     from sft.data.packing import count_blocks
 
     stats = count_blocks(source.iter_rows(0), tokenizer, cfg.data.template, cfg.data.seq_length,
-                         answer_only=cfg.data.answer_only)
+                         answer_only=cfg.data.answer_only, overlong=cfg.data.overlong)
     return stats.blocks
 
 
@@ -144,7 +144,8 @@ def accuracy(cfg: RunConfig, model, tokenizer, rows: list[dict[str, str]], desc:
     with _autocast(cfg, device):
         preds = generate_texts(model, tokenizer, prompts, max_new_tokens=cfg.training.max_new_tokens,
                                batch_size=cfg.training.per_device_eval_batch_size * 4,
-                               progress=cfg.training.progress, desc=desc)
+                               progress=cfg.training.progress, desc=desc,
+                               add_special_tokens=cfg.data.template == "default")
     hits = sum(exact_match(p, r["answer"]) for p, r in zip(preds, rows))
     return hits / max(1, len(rows))
 
@@ -216,21 +217,35 @@ def train(cfg: RunConfig) -> RunSummary:
     from transformers import TrainingArguments
 
     from sft.merging import merge_adapter
-    from sft.models import count_parameters, load_model_and_tokenizer
+    from sft.models import count_parameters, load_model_and_tokenizer, resolve_source
 
     t_start = time.perf_counter()
-    info = dist.init_process_group_if_needed()
+    dist.init_process_group_if_needed(timeout_s=cfg.training.dist_timeout_s,
+                                      device="cuda" if torch.cuda.is_available() else "cpu")
+    info = dist.dist_info()
     rank, world = info.rank, info.world_size
     out = Path(cfg.training.output_dir)
-    summary = RunSummary(world_size=world, backend=info.backend)
+    summary = RunSummary(world_size=world, backend=info.backend or "none")
 
     if cfg.data.demo:
         prepare_demo_data(cfg)
-    if not cfg.data.path:
-        raise DataError("data.path is not set: pass a Deep Lake dataset (make one with `sft ingest FILE --out PATH`)")
-    # Open (and validate) the data before loading a model: a bad path fails in a second, not after a minute.
-    train_src = _source(cfg, cfg.data.path, cfg.data.shuffle, rank, world)
-    eval_src = _source(cfg, cfg.data.eval_path, False, rank, world) if cfg.data.eval_path else None
+    # Resolve the model and open (validate) the data before loading anything: a bad path or an unreachable hub
+    # fails in a second, not after a minute, and the user learns about every problem at once.
+    problems: list[str] = []
+    try:
+        resolve_source(cfg.model)
+    except SftError as e:
+        problems.append(str(e))
+    train_src = eval_src = None
+    try:
+        if not cfg.data.path:
+            raise DataError("data.path is not set: pass a Deep Lake dataset (make one with `sft ingest FILE --out PATH`)")
+        train_src = _source(cfg, cfg.data.path, cfg.data.shuffle, rank, world)
+        eval_src = _source(cfg, cfg.data.eval_path, False, rank, world) if cfg.data.eval_path else None
+    except SftError as e:
+        problems.append(str(e))
+    if problems:
+        raise SftError("\n".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))
 
     model, tokenizer, source = load_model_and_tokenizer(cfg.model, cfg.lora, cfg.quantization, seed=cfg.training.seed)
     summary.trainable_params, summary.total_params = count_parameters(model)
@@ -240,7 +255,7 @@ def train(cfg: RunConfig) -> RunSummary:
     # (the smallest), so that no rank waits at a collective for a peer that ran out of data.
     blocks = _count_blocks(cfg, tokenizer, train_src)
     per_step = cfg.training.per_device_train_batch_size * cfg.training.gradient_accumulation_steps
-    steps_per_epoch = dist.all_reduce_min(blocks // per_step)
+    steps_per_epoch = dist.all_reduce_min_int(blocks // per_step)
     if steps_per_epoch < 1 and cfg.training.max_steps <= 0:
         raise DataError(
             f"data.path: one epoch of this rank's shard packs into {blocks} blocks of {cfg.data.seq_length} tokens, "
@@ -298,7 +313,7 @@ def train(cfg: RunConfig) -> RunSummary:
         disable_tqdm=not cfg.training.progress or not dist.is_main_process(),
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        ddp_timeout=dist.timeout_seconds(),
+        ddp_timeout=cfg.training.dist_timeout_s,
         ddp_find_unused_parameters=False,
         save_only_model=False,
     )
@@ -392,7 +407,8 @@ def _sample_answer(cfg: RunConfig, merged_dir: Path, rows: list[dict[str, str]])
         tokenizer.pad_token = tokenizer.eos_token
     question = rows[0]["question"] if rows else "What is the capital of France?"
     text = generate_texts(model, tokenizer, [prompt_text(tokenizer, question, cfg.data.template)],
-                          max_new_tokens=cfg.training.max_new_tokens)[0]
+                          max_new_tokens=cfg.training.max_new_tokens,
+                          add_special_tokens=cfg.data.template == "default")[0]
     return question, text.strip()
 
 

@@ -1,0 +1,374 @@
+"""Read a Deep Lake dataset for training: validated, sharded per rank, streamed in seeded epoch order.
+
+The pieces, in the order training uses them:
+
+``open_dataset(path)``
+    Opens a dataset read-only after checking, *before any work*, that it exists, is a Deep Lake (4.x) dataset,
+    has the ``question`` and ``answer`` text columns and at least one row. Every failure is a :class:`DataError`
+    that names the problem and the fix (usually ``sft ingest FILE --out PATH``).
+``shard_range(n_rows, rank, world_size)``
+    This rank's contiguous ``[lo, hi)``: disjoint, covering, sizes differ by at most one.
+``ShardedSource``
+    Streams ``{"question", "answer"}`` rows of one shard in blocks of ``read_batch`` rows (column slices; the
+    dataset is never held in memory). ``iter_rows(epoch, start)`` is a pure function of
+    ``(dataset, rank, world_size, seed, shuffle, read_batch, epoch, start)``, which is what makes the training
+    cursor ``(epoch, position)`` resumable without saving any data.
+
+Deep Lake 4.7 facts this module relies on (checked by introspection, see the tests):
+
+* a local dataset is a directory with a ``_deeplake_log/`` folder; ``deeplake.exists(path)`` is True only for those
+  (False for plain folders and files) and costs well under a millisecond;
+* ``deeplake.open_read_only`` never creates anything on disk, and raises ``LogNotexistsError`` for a plain folder;
+* ``ds["col"][i:j]`` returns a Python ``list`` (``str`` for Text columns); a slice past the end is just shorter;
+* an *empty* string stored in a Text column reads back as ``None``, which is one reason why rows are checked here;
+* ``s3://`` / ``gs://`` without network retry for ~40-70 s before failing; ``al://`` / ``hub://`` / ``az://`` fail fast.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from sft.errors import DataError
+
+#: Columns training needs. Datasets written by ``sft ingest`` also have ``source`` (provenance; not read here).
+REQUIRED_COLUMNS = ("question", "answer")
+
+#: URL schemes handed to Deep Lake untouched. ``hub://`` is Deep Lake's alias of ``al://`` (Activeloop cloud).
+#: ``mem://`` is Deep Lake's in-process store (handy in experiments, empty in a fresh process).
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "azure://", "al://", "hub://", "mem://")
+
+_INGEST_HINT = "Create one with `sft ingest FILE --out {path}`."
+
+
+def is_remote(path: str) -> bool:
+    """True for paths Deep Lake resolves itself (object stores, Activeloop); False for local paths and ``file://``."""
+    return path.lower().startswith(REMOTE_SCHEMES)
+
+
+def _local_path(path: str) -> str:
+    # Deep Lake accepts file:// too; strip it so the local existence checks below see a real filesystem path.
+    if path.lower().startswith("file://"):
+        path = path[len("file://"):]
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _check_local(path: str) -> str:
+    """Validate a local dataset path cheaply (no Deep Lake I/O beyond a stat); return the resolved path."""
+    local = _local_path(path)
+    if not os.path.exists(local):
+        raise DataError(f"dataset {path} does not exist. {_INGEST_HINT.format(path=path)}")
+    if not os.path.isdir(local):
+        # A common slip: pointing data.path at the JSONL/CSV file itself instead of the ingested dataset.
+        raise DataError(
+            f"{path} is a file, not a Deep Lake dataset (a dataset is a directory). "
+            f"If it holds training data, convert it with `sft ingest {path} --out DATASET_DIR` and use DATASET_DIR."
+        )
+    import deeplake
+
+    if not deeplake.exists(local):
+        if os.path.exists(os.path.join(local, "dataset_meta.json")):
+            # Deep Lake 3.x layout (what the seed project wrote). 4.x cannot open it in place.
+            raise DataError(
+                f"{path} is a Deep Lake 3.x dataset (has dataset_meta.json); deeplake 4 cannot read it. "
+                f"Convert it with `python -c \"import deeplake; deeplake.convert('{path}', 'NEW_PATH')\"` "
+                f"or re-create it from the source file with `sft ingest FILE --out NEW_PATH`."
+            )
+        raise DataError(
+            f"{path} is not a Deep Lake dataset (no _deeplake_log/ inside). {_INGEST_HINT.format(path='NEW_PATH')}"
+        )
+    return local
+
+
+def _is_text(dtype: Any) -> bool:
+    import deeplake
+
+    kind = getattr(dtype, "kind", None)
+    if kind == deeplake.types.TypeKind.Text:
+        return True
+    # Nullable(Text()) reports kind Nullable; its str() is "nullable[text ...]". None values are caught per row.
+    return kind == deeplake.types.TypeKind.Nullable and "text" in str(dtype).lower()
+
+
+def open_dataset(path: str):
+    """Open the Deep Lake dataset at ``path`` read-only, after validating it for training.
+
+    Local paths (and ``file://``) are checked on the filesystem first, so a typo never reaches Deep Lake and nothing
+    is ever downloaded or created. Remote paths (``s3://``, ``gs://``, ``az://``, ``al://``, ``hub://``) go to
+    Deep Lake as-is; credentials come from the environment as Deep Lake documents. Any failure becomes a
+    :class:`DataError` naming the path.
+
+    Returns a ``deeplake.ReadOnlyDataset`` with the :data:`REQUIRED_COLUMNS` as text columns and at least one row.
+    """
+    if not isinstance(path, str) or not path.strip():
+        raise DataError(f"dataset path must be a non-empty string, got {path!r}. Set data.path to a Deep Lake dataset.")
+    import deeplake
+
+    target = path if is_remote(path) else _check_local(path)
+    try:
+        ds = deeplake.open_read_only(target)
+    except Exception as e:  # deeplake's errors share no base class beyond Exception
+        if is_remote(path):
+            raise DataError(
+                f"cannot open remote dataset {path}: {type(e).__name__}: {e}. Check the path, the network and the "
+                f"credentials (AWS_*/GOOGLE_*/AZURE_* env vars; ACTIVELOOP_TOKEN for al:// and hub://). "
+                f"Offline, ingest a local copy and train on it: `sft ingest FILE --out PATH`, then data.path=PATH."
+            ) from e
+        raise DataError(
+            f"cannot open {path} as a Deep Lake dataset: {type(e).__name__}: {e}. "
+            f"It may be damaged or still being written; re-create it with `sft ingest FILE --out {path} --overwrite`."
+        ) from e
+
+    columns = {c.name: c.dtype for c in ds.schema.columns}
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        have = ", ".join(columns) or "(none)"
+        raise DataError(
+            f"dataset {path} lacks column(s) {', '.join(missing)} (it has: {have}). Training needs text columns "
+            f"{', '.join(REQUIRED_COLUMNS)}; re-create it with `sft ingest FILE --out NEW_PATH "
+            f"--map question=FIELD answer=FIELD`."
+        )
+    for name in REQUIRED_COLUMNS:
+        if not _is_text(columns[name]):
+            raise DataError(
+                f"dataset {path}: column {name!r} has type {columns[name]}, expected text. "
+                f"Re-create it with `sft ingest FILE --out NEW_PATH`."
+            )
+    if len(ds) == 0:
+        raise DataError(f"dataset {path} has no rows. Fill it with `sft ingest FILE --out {path} --overwrite`.")
+    return ds
+
+
+def shard_range(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous share ``[lo, hi)`` of ``n_rows`` rows.
+
+    The first ``n_rows % world_size`` ranks get one extra row, so shards are disjoint, cover every row exactly once
+    and differ in size by at most one. Contiguous (not strided) shards let each rank read long column slices.
+    With ``world_size > n_rows`` the last ranks get empty shards ``(n, n)``-style ranges of length zero.
+    """
+    for name, v in (("n_rows", n_rows), ("rank", rank), ("world_size", world_size)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+            raise ValueError(f"{name} must be an int, got {v!r}")
+    if n_rows < 0:
+        raise ValueError(f"n_rows must be >= 0, got {n_rows}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    base, extra = divmod(int(n_rows), int(world_size))
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+class ShardedSource:
+    """This rank's shard of a Deep Lake dataset, streamed as ``{"question": str, "answer": str}`` rows.
+
+    Order. With ``shuffle=False`` rows come in dataset order. With ``shuffle=True`` the shard is cut into blocks of
+    ``read_batch`` consecutive rows; the blocks are visited in a random order and the rows of each block are
+    permuted. Every read is therefore one contiguous column slice (fast in Deep Lake, friendly to object stores),
+    while the order still mixes the whole shard at block granularity. The RNG is seeded from ``(seed, epoch)``
+    (numpy ``SeedSequence``), so an epoch's order is the same on every call and in every process, and differs
+    between epochs.
+
+    Cursor. ``iter_rows(epoch, start)`` skips the first ``start`` rows of the epoch's order by arithmetic (the
+    skipped blocks are never read), so ``(epoch, position)`` is a complete resume state. It is only valid for the
+    same dataset and the same :attr:`order_params` (rank, world_size, seed, shuffle and read_batch all shape the
+    order); training should save ``order_params`` with the cursor and compare on resume.
+
+    Equal steps. Shards differ by at most one row; :attr:`min_shard_rows` is the size every rank has, for callers
+    that need all ranks to take the same number of steps per epoch.
+
+    The object is picklable (the open dataset handle is dropped and re-opened lazily), e.g. for DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        read_batch: int = 256,
+    ) -> None:
+        if not isinstance(read_batch, int) or isinstance(read_batch, bool) or read_batch < 1:
+            raise ValueError(f"read_batch must be an int >= 1, got {read_batch!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            # SeedSequence rejects negative entropy; fail here with a clear message instead of mid-epoch.
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        self._path = path
+        self._ds = open_dataset(path)  # validates before any other work
+        self._total = len(self._ds)
+        self._rank = rank
+        self._world_size = world_size
+        self._lo, self._hi = shard_range(self._total, rank, world_size)
+        self._seed = seed
+        self._shuffle = bool(shuffle)
+        self._read_batch = read_batch
+
+    # ------------------------------------------------------------------------------------------ properties
+    @property
+    def path(self) -> str:
+        """The dataset path as given."""
+        return self._path
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in this rank's shard (may be 0 when world_size > total_rows)."""
+        return self._hi - self._lo
+
+    @property
+    def total_rows(self) -> int:
+        """Rows in the whole dataset."""
+        return self._total
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """This rank's ``[lo, hi)`` in dataset row indices."""
+        return self._lo, self._hi
+
+    @property
+    def min_shard_rows(self) -> int:
+        """The smallest shard size over all ranks (``total_rows // world_size``)."""
+        return self._total // self._world_size
+
+    @property
+    def order_params(self) -> dict[str, Any]:
+        """Everything besides ``(epoch, start)`` that determines the row order; save it with a cursor."""
+        return {
+            "total_rows": self._total,
+            "rank": self._rank,
+            "world_size": self._world_size,
+            "seed": self._seed,
+            "shuffle": self._shuffle,
+            "read_batch": self._read_batch,
+        }
+
+    # ------------------------------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_ds"] = None  # native handle; not picklable, and cheap to re-open
+        return state
+
+    def _dataset(self):
+        if self._ds is None:
+            self._ds = open_dataset(self._path)
+            if len(self._ds) != self._total:
+                raise DataError(
+                    f"dataset {self._path} changed while in use ({self._total} -> {len(self._ds)} rows). "
+                    f"Do not modify a dataset during training; write a new one with `sft ingest ... --out NEW_PATH`."
+                )
+        return self._ds
+
+    # ------------------------------------------------------------------------------------------ order
+    def _blocks(self, epoch: int) -> list[tuple[int, int]]:
+        """The epoch's block visiting order as ``[(lo, hi), ...]`` in dataset row indices."""
+        starts = range(self._lo, self._hi, self._read_batch)
+        blocks = [(s, min(s + self._read_batch, self._hi)) for s in starts]
+        if self._shuffle and len(blocks) > 1:
+            # Tag 0 = block order, tag 1 = row order inside block b. Same-length entropy lists with distinct tags
+            # keep the streams independent (no accidental SeedSequence collisions).
+            rng = np.random.default_rng([self._seed, epoch, 0, 0])
+            blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+        return blocks
+
+    def _row_order(self, epoch: int, block_lo: int, size: int) -> np.ndarray:
+        """Row offsets inside one block. Seeded per block (by its first row) so that skipping needs no RNG replay."""
+        if not self._shuffle:
+            return np.arange(size)
+        return np.random.default_rng([self._seed, epoch, 1, block_lo]).permutation(size)
+
+    # ------------------------------------------------------------------------------------------ reading
+    def _read_block(self, lo: int, hi: int) -> tuple[list, list]:
+        ds = self._dataset()
+        # One slice per column: Deep Lake decodes whole chunks, so a slice costs about as much as one row.
+        return ds["question"][lo:hi], ds["answer"][lo:hi]
+
+    def _check_value(self, value: Any, row: int, column: str) -> str:
+        if isinstance(value, str) and value:
+            return value
+        if value is None or (isinstance(value, str) and not value):
+            what = "is empty or missing (None)"  # Deep Lake reads an empty text value back as None
+        else:
+            what = f"holds a {type(value).__name__}, not text"
+        raise DataError(
+            f"dataset {self._path}: row {row}, column {column!r} {what}. Every row needs non-empty text in "
+            f"{', '.join(REQUIRED_COLUMNS)}; fix the source data and re-create the dataset with `sft ingest`."
+        )
+
+    def iter_rows(self, epoch: int = 0, start: int = 0) -> Iterator[dict[str, str]]:
+        """Yield this shard's rows for ``epoch``, skipping the first ``start`` rows of that epoch's order.
+
+        ``start`` is a position in the epoch's order (0 = the beginning, ``num_rows`` = the end: nothing is
+        yielded). Skipped rows are not read. Reads one block of ``read_batch`` rows at a time.
+        """
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise ValueError(f"start must be an int >= 0, got {start!r}")
+        if start > self.num_rows:
+            raise DataError(
+                f"resume position {start} is past the end of this rank's shard ({self.num_rows} rows of "
+                f"{self._path}); the dataset, world size or read_batch changed since the checkpoint. Resume with "
+                f"the same data and launch settings, or start a fresh run."
+            )
+        return self._iter(epoch, start)
+
+    def _iter(self, epoch: int, start: int) -> Iterator[dict[str, str]]:
+        # A separate generator so that argument errors in iter_rows are raised at call time, not at first next().
+        skip = start
+        for lo, hi in self._blocks(epoch):
+            size = hi - lo
+            if skip >= size:  # whole block before the cursor: skip without reading
+                skip -= size
+                continue
+            order = self._row_order(epoch, lo, size)
+            questions, answers = self._read_block(lo, hi)
+            if len(questions) != size or len(answers) != size:
+                raise DataError(
+                    f"dataset {self._path}: rows {lo}..{hi - 1} could not be read (got {len(questions)} questions, "
+                    f"{len(answers)} answers); the dataset changed or is damaged. Re-create it with `sft ingest`."
+                )
+            for off in order[skip:]:
+                off = int(off)
+                yield {
+                    "question": self._check_value(questions[off], lo + off, "question"),
+                    "answer": self._check_value(answers[off], lo + off, "answer"),
+                }
+            skip = 0
+
+    def iter_epochs(self, start_epoch: int = 0, start: int = 0) -> Iterator[tuple[int, int, dict[str, str]]]:
+        """Loop over epochs forever, yielding ``(epoch, position, row)``.
+
+        ``position`` is the cursor *after* this row: saving ``(epoch, position)`` and later calling
+        ``iter_epochs(epoch, position)`` continues with the next row (a position equal to ``num_rows`` rolls over
+        to the next epoch's first row). Raises :class:`DataError` if this rank's shard is empty, since an endless
+        loop over nothing would hang training.
+        """
+        if self.num_rows == 0:
+            raise DataError(
+                f"rank {self._rank} has no rows: {self._path} has {self._total} rows for {self._world_size} ranks. "
+                f"Use at most {self._total} ranks or a larger dataset."
+            )
+        if start > self.num_rows:
+            # Let iter_rows produce its message; it is the same condition.
+            self.iter_rows(start_epoch, start)
+        return self._iter_epochs(start_epoch, start)
+
+    def _iter_epochs(self, epoch: int, start: int) -> Iterator[tuple[int, int, dict[str, str]]]:
+        if start == self.num_rows:
+            epoch, start = epoch + 1, 0
+        while True:
+            pos = start
+            for row in self.iter_rows(epoch, start):
+                pos += 1
+                yield epoch, pos, row
+            epoch, start = epoch + 1, 0
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedSource({self._path!r}, rank={self._rank}/{self._world_size}, rows {self._lo}..{self._hi} of "
+            f"{self._total}, shuffle={self._shuffle}, seed={self._seed}, read_batch={self._read_batch})"
+        )

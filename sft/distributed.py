@@ -1,0 +1,208 @@
+"""The one place that talks to torch.distributed: backend choice, rank facts, process group, barriers, stop flags.
+
+Call :func:`init_process_group_if_needed` before building ``Accelerator`` / the Trainer: accelerate skips its own
+initialisation when a group exists, which is how ``ccl`` is used at all (accelerate >= 1.13 only knows gloo/mpi on
+CPU), and how the timeout becomes configurable. On CPU it also sets ``ACCELERATE_USE_CPU=true``: accelerate 1.15
+otherwise treats a torchrun-started CPU rank as a single process (distributed type NO) even with a group present.
+
+Ranks are read from the env of whichever launcher started us: torchrun/accelerate (RANK, LOCAL_RANK, WORLD_SIZE),
+Intel MPI / MPICH (PMI_RANK, PMI_SIZE, MPI_LOCALRANKID), Open MPI (OMPI_COMM_WORLD_*), MVAPICH (MV2_COMM_WORLD_*),
+the same list accelerate uses.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+DEFAULT_TIMEOUT_S = 1800
+
+
+def _env_int(names, default: int) -> int:
+    for n in names:
+        v = os.environ.get(n)
+        if v not in (None, ""):
+            return int(v)
+    return default
+
+
+def _ccl_importable() -> bool:
+    try:
+        import oneccl_bindings_for_pytorch  # noqa: F401  (registers the "ccl" backend)
+    except Exception:  # ImportError, or an OSError / undefined symbol from a binding built for another torch
+        return False
+    return True
+
+
+def choose_backend(device: str = "cpu", requested: str | None = None) -> str:
+    """'nccl' on CUDA; on CPU 'ccl' if oneccl_bindings_for_pytorch imports, else 'mpi' if torch has it, else 'gloo'.
+
+    ``requested`` (default: $SFT_BACKEND, set by ``sft launch``) may force gloo/ccl/mpi; 'auto' or None chooses.
+    """
+    requested = requested if requested is not None else os.environ.get("SFT_BACKEND")
+    if str(device).startswith("cuda"):
+        return "nccl"
+    if requested and requested != "auto":
+        if requested == "ccl" and not _ccl_importable():
+            raise RuntimeError("backend 'ccl' requested but oneccl_bindings_for_pytorch does not import")
+        if requested == "mpi" and not dist.is_mpi_available():
+            raise RuntimeError("backend 'mpi' requested but this torch was built without MPI")
+        if requested not in ("gloo", "ccl", "mpi"):
+            raise RuntimeError(f"unknown CPU backend {requested!r} (gloo, ccl, mpi)")
+        return requested
+    if _ccl_importable():
+        return "ccl"
+    if dist.is_available() and dist.is_mpi_available():
+        return "mpi"
+    return "gloo"
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    backend: str | None  # the initialised group's backend, None before init
+    threads_per_rank: int
+    hostname: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def dist_info() -> DistInfo:
+    if is_initialized():
+        rank, world, backend = dist.get_rank(), dist.get_world_size(), str(dist.get_backend())
+    else:
+        rank, world, backend = _env_int(RANK_VARS, 0), _env_int(WORLD_SIZE_VARS, 1), None
+    return DistInfo(
+        rank=rank,
+        local_rank=_env_int(LOCAL_RANK_VARS, 0),
+        world_size=world,
+        local_world_size=_env_int(LOCAL_SIZE_VARS, 1),
+        backend=backend,
+        threads_per_rank=torch.get_num_threads(),
+        hostname=socket.gethostname(),
+    )
+
+
+def init_process_group_if_needed(timeout_s: int = DEFAULT_TIMEOUT_S, device: str = "cpu") -> bool:
+    """Initialise the default process group when launched with world size > 1. True if this call initialised it."""
+    if not dist.is_available() or dist.is_initialized():
+        return False
+    info = dist_info()
+    if info.world_size <= 1:
+        return False
+    cpu = not str(device).startswith("cuda")
+    if cpu:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    backend = choose_backend(device)
+    # env:// needs RANK/WORLD_SIZE/MASTER_*; MPI launchers only set their own names (accelerate does the same copy).
+    os.environ.setdefault("RANK", str(info.rank))
+    os.environ.setdefault("WORLD_SIZE", str(info.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(info.local_world_size))
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_ADDR" not in os.environ:
+        if info.local_world_size != info.world_size and backend != "mpi":
+            raise RuntimeError("multi-node run without MASTER_ADDR: export rank 0's address as MASTER_ADDR")
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+    kwargs = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
+    if backend != "mpi":
+        kwargs.update(rank=info.rank, world_size=info.world_size)
+    if not cpu:
+        torch.cuda.set_device(info.local_rank)
+        kwargs["device_id"] = torch.device("cuda", info.local_rank)
+    dist.init_process_group(**kwargs)
+    return True
+
+
+def barrier() -> None:
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def is_main_process() -> bool:
+    return dist_info().rank == 0
+
+
+def _collective_device() -> torch.device:
+    if is_initialized() and str(dist.get_backend()) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_max_flag(flag: bool) -> bool:
+    """True on every rank if any rank passed True: ranks agree to stop (or skip, or save) together."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _format_cpus(cpus) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    out: list[list[int]] = []
+    for c in sorted(cpus):
+        if out and out[-1][1] == c - 1:
+            out[-1][1] = c
+        else:
+            out.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
+def all_reduce_min_int(value: int) -> int:
+    """The smallest ``value`` over all ranks (e.g. steps per epoch, so every rank takes the same number of steps)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def run_metadata() -> dict:
+    """Facts to store with run outputs: backend, world size, threads per rank, pinning."""
+    info = dist_info()
+    try:
+        affinity = _format_cpus(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = None
+    meta = {
+        "backend": info.backend or ("none" if info.world_size == 1 else os.environ.get("SFT_BACKEND")),
+        "world_size": info.world_size,
+        "local_world_size": info.local_world_size,
+        "rank": info.rank,
+        "hostname": info.hostname,
+        "threads_per_rank": info.threads_per_rank,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cpu_affinity": affinity,
+        "pinned_by_launch_pin": os.environ.get("SFT_PINNED_CPUS") is not None,
+    }
+    for k in ("CCL_WORKER_COUNT", "CCL_WORKER_AFFINITY", "CCL_ATL_TRANSPORT", "KMP_AFFINITY"):
+        if k in os.environ:
+            meta[k.lower()] = os.environ[k]
+    return meta
+
+
+def all_reduce_min_int(value: int) -> int:
+    """The smallest ``value`` over all ranks (e.g. optimizer steps per epoch: every rank takes the same number)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
