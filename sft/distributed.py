@@ -206,3 +206,111 @@ def all_reduce_min_int(value: int) -> int:
     t = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+# --------------------------------------------------------------------------------------------- watchdog
+#
+# A dead peer must not leave the survivors hanging until the collective timeout (30 min by default). Each rank
+# runs a daemon thread that writes a heartbeat into the rendezvous store every few seconds and reads the
+# others'. A rank whose heartbeat is older than `stale_after` seconds is reported by rank number and host, and
+# this process exits with status 1 (os._exit: the main thread may be blocked inside a collective forever).
+# Heartbeats mean "process alive", not "making progress", so a long merge on rank 0 does not trip it. A rank
+# that finished marks itself done and is no longer watched. If the store itself is gone (its host, usually
+# rank 0 or the node-0 launcher, died), that is reported the same way.
+
+import threading
+import time
+
+_watchdog: "Watchdog | None" = None
+
+
+class Watchdog:
+    def __init__(self, store, rank: int, world_size: int, interval: float, stale_after: float):
+        self.store, self.rank, self.world = store, rank, world_size
+        self.interval, self.stale_after = interval, stale_after
+        self._stop = threading.Event()
+        self._started = time.time()
+        self.store.set(f"sft/host/{rank}", socket.gethostname())
+        self._beat()
+        self.thread = threading.Thread(target=self._run, name="sft-watchdog", daemon=True)
+        self.thread.start()
+
+    def _beat(self) -> None:
+        self.store.set(f"sft/hb/{self.rank}", repr(time.time()))
+
+    def _peer_state(self, r: int) -> tuple[bool, float | None]:
+        """(done, age of the last heartbeat in seconds or None if it never beat)."""
+        done_key, hb_key = f"sft/done/{r}", f"sft/hb/{r}"
+        if self.store.check([done_key]):
+            return True, None
+        if not self.store.check([hb_key]):
+            return False, None
+        return False, time.time() - float(self.store.get(hb_key).decode())
+
+    def _fail(self, message: str) -> None:
+        import sys
+
+        print(f"error: rank {self.rank}: {message}; stopping this rank", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._beat()
+                for r in range(self.world):
+                    if r == self.rank:
+                        continue
+                    done, age = self._peer_state(r)
+                    if done:
+                        continue
+                    if age is None:
+                        age = time.time() - self._started  # never seen: count from our own start
+                    if age > self.stale_after:
+                        host = self.store.get(f"sft/host/{r}").decode() if self.store.check([f"sft/host/{r}"]) else "?"
+                        self._fail(f"rank {r} (host {host}) stopped responding: no heartbeat for {age:.0f} s")
+            except Exception as e:  # the store is gone: its host died
+                if self._stop.is_set():
+                    return
+                self._fail(f"lost contact with the rendezvous store at {os.environ.get('MASTER_ADDR')}:"
+                           f"{os.environ.get('MASTER_PORT')} (the rank or launcher hosting it, usually rank 0, died): {e}")
+
+    def stop(self) -> None:
+        try:
+            self.store.set(f"sft/done/{self.rank}", "1")
+        except Exception:
+            pass
+        self._stop.set()
+
+
+def start_watchdog(interval: float = 2.0, stale_after: float | None = None) -> "Watchdog | None":
+    """Start the heartbeat watchdog when running with world size > 1 (no-op otherwise)."""
+    global _watchdog
+    if _watchdog is not None or not is_initialized() or dist.get_world_size() == 1:
+        return _watchdog
+    stale_after = stale_after or float(os.environ.get("SFT_WATCHDOG_STALE_S", "20"))
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+    except Exception:  # private API: without it we fall back to the collective timeout
+        return None
+    _watchdog = Watchdog(store, dist.get_rank(), dist.get_world_size(), interval, stale_after)
+    return _watchdog
+
+
+def stop_watchdog() -> None:
+    global _watchdog
+    if _watchdog is not None:
+        _watchdog.stop()
+        _watchdog = None
+
+
+def explain_failure(error: BaseException) -> None:
+    """Called when a collective failed: give the watchdog time to find and name the dead peer (it then exits
+    this process with a message naming it). Returns if every peer is alive, so the caller re-raises ``error``."""
+    wd = _watchdog
+    if wd is None:
+        return
+    deadline = time.time() + wd.stale_after + 3 * wd.interval
+    while time.time() < deadline and wd.thread.is_alive():
+        time.sleep(wd.interval / 2)

@@ -51,6 +51,7 @@ class RunSummary:
     sample_question: str | None = None
     sample_answer: str | None = None
     merge_max_abs_diff: float | None = None
+    loss_history: list[float] = field(default_factory=list)
     model_tflops_per_s: float = float("nan")
     paths: dict[str, str] = field(default_factory=dict)
     wall_seconds: float = 0.0
@@ -186,6 +187,14 @@ def _make_callback(timer: StepTimer, losses: list[float]):
 
         def on_step_end(self, args, state, control, **kw):
             timer.step()
+            # Fault injection for the dead-rank tests: SFT_FAULT_KILL="RANK:STEP" SIGKILLs that rank at that step.
+            fault = os.environ.get("SFT_FAULT_KILL")
+            if fault:
+                kill_rank, kill_step = (int(x) for x in fault.split(":"))
+                if state.global_step == kill_step and dist.dist_info().rank == kill_rank:
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGKILL)
 
         def on_evaluate(self, args, state, control, **kw):
             timer.interrupted()
@@ -222,6 +231,7 @@ def train(cfg: RunConfig) -> RunSummary:
     t_start = time.perf_counter()
     dist.init_process_group_if_needed(timeout_s=cfg.training.dist_timeout_s,
                                       device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.start_watchdog()
     info = dist.dist_info()
     rank, world = info.rank, info.world_size
     out = Path(cfg.training.output_dir)
@@ -330,7 +340,12 @@ def train(cfg: RunConfig) -> RunSummary:
     )
     resume = _resolve_resume(cfg, ckpt_dir)
     t_train = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except Exception as e:
+        if world > 1:
+            dist.explain_failure(e)  # names the dead peer and exits, if that is what happened
+        raise
     summary.train_seconds = time.perf_counter() - t_train
     summary.steps = int(result.global_step)
     summary.tokens = summary.steps * timer.tokens_per_step
@@ -339,6 +354,7 @@ def train(cfg: RunConfig) -> RunSummary:
     summary.first_step_s = timing["first_step_s"]
     if losses:
         summary.loss_first, summary.loss_last = losses[0], losses[-1]
+        summary.loss_history = losses
     if eval_dataset is not None:
         summary.eval_loss = trainer.evaluate().get("eval_loss")
     fpt = flops_per_token(trainer.model, cfg.data.seq_length, cfg.model.gradient_checkpointing)
@@ -358,11 +374,13 @@ def train(cfg: RunConfig) -> RunSummary:
         merged_dir = out / "merged"
         if dist.is_main_process():
             report = merge_adapter(adapter_dir, merged_dir, overwrite=True)
+            print(f"rank {rank}: merged the adapter into {merged_dir} (logits check max |diff| {report.max_abs_diff:.2e})")
             summary.merge_max_abs_diff = report.max_abs_diff
             summary.paths["merged"] = str(merged_dir)
             q, a = _sample_answer(cfg, merged_dir, rows_for_accuracy)
             summary.sample_question, summary.sample_answer = q, a
         dist.barrier()  # the other ranks wait here for rank 0's merge
+    dist.stop_watchdog()
 
     summary.peak_rss_gb = peak_rss_bytes() / 2**30
     summary.wall_seconds = time.perf_counter() - t_start

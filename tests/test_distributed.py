@@ -1,0 +1,158 @@
+"""Real multi-process runs on this machine (gloo): launch forms, equivalence with one rank, dead ranks.
+
+Ranks are started the way users start them: `accelerate launch --multi_gpu --num_processes N` with
+ACCELERATE_USE_CPU=true (`--cpu --num_processes N` starts ONE process: see facts.md / launch/plan.py).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sft.data.ingest import write_dataset
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+
+TRAIN = [
+    "-m", "sft.cli", "train", "model.name=arch:tiny-llama", "model.dtype=fp32", "data.demo=false",
+    "data.eval_path=null", "data.shuffle=false", "training.accuracy_samples=0", "training.eval_strategy=no",
+    "training.save_strategy=no", "training.progress=false", "training.logging_steps=1", "lora.dropout=0.0",
+    "lora.target_modules=[all-linear]", "training.learning_rate=1e-2", "training.warmup_steps=0",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra: str) -> dict:
+    e = dict(os.environ, ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e.update(extra)
+    return e
+
+
+def launch(*args: str, cwd: Path, num_processes: int = 2, extra_env: dict | None = None, timeout: int = 600,
+           machines: tuple[int, int] | None = None, port: int | None = None) -> subprocess.Popen:
+    cmd = [*ACCELERATE, "--multi_gpu", "--num_processes", str(num_processes)]
+    if machines:
+        cmd += ["--num_machines", str(machines[0]), "--machine_rank", str(machines[1]),
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+    else:
+        cmd += ["--num_machines", "1", "--main_process_port", str(port or free_port())]
+    return subprocess.Popen([*cmd, *args], cwd=cwd, env=env(**(extra_env or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+def fixed_length_rows(tokenizer, n: int, length: int) -> list[dict]:
+    """Rows whose formatted text is exactly `length` tokens, so that each packs into one block on its own."""
+    from sft.data.formatting import tokenize_example
+
+    words = ["red", "green", "blue", "amber", "violet", "cyan", "black", "white", "pink", "grey"]
+    rows, i = [], 0
+    while len(rows) < n:
+        q = f"Which colour goes with item {i}?"
+        for k in range(1, 30):
+            a = " ".join(words[(i + j) % len(words)] for j in range(k))
+            ids, _ = tokenize_example(tokenizer, q, a)
+            if len(ids) == length:
+                rows.append({"question": q, "answer": a, "source": "t"})
+                break
+            if len(ids) > length:
+                break
+        i += 1
+    return rows
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    from sft.config import ModelConfig
+    from sft.models import load_tokenizer
+
+    work = tmp_path_factory.mktemp("dist")
+    tok = load_tokenizer(ModelConfig(name="arch:tiny-llama"))
+    b, steps, length = 2, 6, 31  # per-rank batch, optimizer steps, tokens per row (+ EOS = one 32-token block)
+    rows = fixed_length_rows(tok, 2 * b * steps, length)
+    half = len(rows) // 2
+    # 2 ranks, shuffle off: rank 0 reads rows[:half], rank 1 rows[half:], b blocks each per step.
+    write_dataset(str(work / "two"), rows, progress=False)
+    # 1 rank with batch 2b sees, at step k, rank 0's k-th batch followed by rank 1's: the same global batch.
+    one = []
+    for k in range(steps):
+        one += rows[k * b:(k + 1) * b] + rows[half + k * b:half + (k + 1) * b]
+    write_dataset(str(work / "one"), one, progress=False)
+    return work, b, steps, length + 1
+
+
+def summary(path: Path) -> dict:
+    return json.loads((path / "summary.json").read_text())["summary"]
+
+
+def test_two_ranks_match_one_rank_and_merge_once(datasets):
+    work, b, steps, seq = datasets
+    common = [*TRAIN, f"data.seq_length={seq}", f"training.max_steps={steps}", "training.max_grad_norm=1.0"]
+    p2 = launch(*common, f"data.path={work / 'two'}", f"training.per_device_train_batch_size={b}",
+                f"training.output_dir={work / 'out2'}", cwd=work)
+    out2 = finish(p2)
+    assert p2.returncode == 0, out2[-4000:]
+    one = subprocess.run([sys.executable, *common, f"data.path={work / 'one'}",
+                          f"training.per_device_train_batch_size={2 * b}", f"training.output_dir={work / 'out1'}"],
+                         cwd=work, env=env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    s1, s2 = summary(work / "out1"), summary(work / "out2")
+    assert s2["world_size"] == 2 and s2["backend"] == "gloo"
+    assert s1["world_size"] == 1
+    assert len(s1["loss_history"]) == len(s2["loss_history"]) == steps
+    for step, (a, c) in enumerate(zip(s1["loss_history"], s2["loss_history"])):
+        assert abs(a - c) <= 1e-4 * abs(a), f"step {step + 1}: 1 rank {a} vs 2 ranks {c}"
+    assert s1["loss_history"][-1] < s1["loss_history"][0]  # it trained
+    # saved and merged exactly once, by rank 0
+    assert out2.count("merged the adapter into") == 1 and "rank 0: merged" in out2
+    assert (work / "out2" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (work / "out2" / "merged" / "config.json").is_file()
+    assert not list((work / "out2").glob("*.tmp-*"))
+
+
+def test_two_machines_on_loopback(datasets):
+    work, b, steps, seq = datasets
+    port = free_port()
+    args = [*TRAIN, f"data.seq_length={seq}", "training.max_steps=3", f"data.path={work / 'two'}",
+            f"training.per_device_train_batch_size={b}", f"training.output_dir={work / 'out-nodes'}", "training.merge=false"]
+    procs = [launch(*args, cwd=work, num_processes=2, machines=(2, r), port=port) for r in (0, 1)]
+    outs = [finish(p) for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    s = summary(work / "out-nodes")
+    assert s["world_size"] == 2 and s["steps"] == 3
+
+
+def test_dead_rank_stops_the_survivor_with_a_message(datasets):
+    work, b, steps, seq = datasets
+    port = free_port()
+    args = [*TRAIN, f"data.seq_length={seq}", "training.max_steps=1000", f"data.path={work / 'two'}",
+            f"training.per_device_train_batch_size={b}", f"training.output_dir={work / 'out-dead'}"]
+    # two "machines", so rank 0's launcher cannot see rank 1's process die: rank 0 itself must notice
+    fault = {"SFT_FAULT_KILL": "1:3", "SFT_WATCHDOG_STALE_S": "15"}
+    procs = [launch(*args, cwd=work, machines=(2, r), port=port, extra_env=fault) for r in (0, 1)]
+    out1 = finish(procs[1], timeout=300)
+    killed_at = time.monotonic()
+    assert procs[1].returncode != 0
+    out0 = finish(procs[0], timeout=300)
+    assert time.monotonic() - killed_at < 60, "the survivor took more than 60 s to stop"
+    assert procs[0].returncode != 0
+    assert "rank 1 (host" in out0 and "stopped responding" in out0, out0[-3000:]
+    assert not (work / "out-dead" / "merged").exists()
