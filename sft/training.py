@@ -361,8 +361,8 @@ def train(cfg: RunConfig) -> RunSummary:
     summary.model_tflops_per_s = fpt.model * summary.tokens_per_s / 1e12
 
     adapter_dir = out / "adapter"
+    _save_adapter(trainer, tokenizer, adapter_dir, cfg)
     if dist.is_main_process():
-        _save_adapter(trainer.model, tokenizer, adapter_dir, cfg)
         summary.paths["adapter"] = str(adapter_dir)
         if rows_for_accuracy:
             summary.accuracy_after = accuracy(cfg, trainer.model, tokenizer, rows_for_accuracy, "accuracy after")
@@ -391,25 +391,33 @@ def train(cfg: RunConfig) -> RunSummary:
     return summary
 
 
-def _save_adapter(model, tokenizer, adapter_dir: Path, cfg: RunConfig) -> None:
-    """PEFT format (adapter_config.json + adapter_model.safetensors), the tokenizer, and how to rebuild the base."""
+def _save_adapter(trainer, tokenizer, adapter_dir: Path, cfg: RunConfig) -> None:
+    """PEFT format (adapter_config.json + adapter_model.safetensors), the tokenizer, and how to rebuild the base.
+
+    Every rank calls this: under DeepSpeed ZeRO-3 the adapter weights are partitioned and ``save_model`` gathers
+    them (a collective) before the main process writes. Written to a temporary directory, then renamed."""
     import shutil
-    import tempfile
 
     from sft.merging import write_base_meta
 
-    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix="adapter.tmp-"))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_base_meta(tmp, cfg.model, cfg.quantization, cfg.training.seed)
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        os.replace(tmp, adapter_dir)
-    except BaseException:
+    tmp = adapter_dir.parent / (adapter_dir.name + ".tmp-save")
+    if dist.is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    try:
+        trainer.save_model(str(tmp))
+        if dist.is_main_process():
+            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing here loads it
+            tokenizer.save_pretrained(tmp)
+            write_base_meta(tmp, cfg.model, cfg.quantization, cfg.training.seed)
+            if adapter_dir.exists():
+                shutil.rmtree(adapter_dir)
+            os.replace(tmp, adapter_dir)
+    except BaseException:
+        if dist.is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    dist.barrier()
 
 
 def _sample_answer(cfg: RunConfig, merged_dir: Path, rows: list[dict[str, str]]) -> tuple[str, str]:
