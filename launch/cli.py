@@ -1,7 +1,7 @@
 """``sft plan`` and ``sft launch``: argument parsing and the two commands (wired into sft.cli by the lead).
 
     sft plan [--nodes N] [--hostfile F] [--per socket|numa] [--backend auto|gloo|ccl|mpi] [--json]
-    sft launch [same options] [--machine-rank R] [--dry-run] -- train configs/train/demo.yaml
+    sft launch [same options] [--machine-rank R] [--dry-run] -- train --config configs/train/demo.yaml
 
 Also runnable on its own: ``python -m launch.cli plan ...`` / ``python -m launch.cli launch ... -- TRAIN ARGS``.
 ``TRAIN ARGS`` are the arguments of ``sft`` (``train ...``), or a python program (``x.py ...``, ``-m mod ...``).
