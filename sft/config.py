@@ -93,6 +93,8 @@ class DataConfig:
     )
     eval_path: Optional[str] = _f(None, "Held-out Deep Lake dataset for evaluation loss and accuracy.")
     demo: bool = _f(False, "Generate the built-in demo task into `path` / `eval_path` when they do not exist.")
+    demo_train_rows: int = _f(4000, "Rows of the generated demo train split.", min=1)
+    demo_test_rows: int = _f(500, "Rows of the generated demo test split.", min=1)
     template: Literal["default", "chat"] = _f(
         "default", "default: 'Question: {question}\\n\\nAnswer: {answer}'. chat: the tokenizer's chat template."
     )

@@ -66,11 +66,12 @@ class RunSummary:
 
 def prepare_demo_data(cfg: RunConfig) -> None:
     """Generate the demo task into data.path / data.eval_path if they do not exist (rank 0; others wait)."""
-    from sft.data.demo import DEMO_TRAIN_ROWS, DEMO_TEST_ROWS, generate_examples
+    from sft.data.demo import generate_examples
     from sft.data.ingest import write_dataset
 
     if dist.is_main_process():
-        for path, split, n in ((cfg.data.path, "train", DEMO_TRAIN_ROWS), (cfg.data.eval_path, "test", DEMO_TEST_ROWS)):
+        for path, split, n in ((cfg.data.path, "train", cfg.data.demo_train_rows),
+                               (cfg.data.eval_path, "test", cfg.data.demo_test_rows)):
             if path and not Path(path).exists():
                 rows = generate_examples(n, seed=cfg.training.seed, split=split)
                 write_dataset(path, rows, progress=cfg.training.progress)
