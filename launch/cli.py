@@ -1,10 +1,13 @@
 """``sft plan`` and ``sft launch``: argument parsing and the two commands (wired into sft.cli by the lead).
 
-    sft plan [--nodes N] [--hostfile F] [--per socket|numa] [--backend auto|gloo|ccl|mpi] [--json]
+    sft plan [--nodes N] [--hostfile F] [--per socket|numa] [--backend auto|gloo|ccl|mpi|ds-ccl] [--json]
     sft launch [same options] [--machine-rank R] [--dry-run] -- train --config configs/train/demo.yaml
 
 Also runnable on its own: ``python -m launch.cli plan ...`` / ``python -m launch.cli launch ... -- TRAIN ARGS``.
 ``TRAIN ARGS`` are the arguments of ``sft`` (``train ...``), or a python program (``x.py ...``, ``-m mod ...``).
+
+``--backend ds-ccl`` is experimental (DeepSpeed ZeRO-2 with oneCCL all-reduce; slower than gloo on small machines,
+see benchmarks/results/cpu_collectives.md) and needs ``--ccl-root`` or $CCL_ROOT; ``auto`` never picks it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--nodes", type=int, default=None, help="number of nodes (default 1, or the hostfile's host count)")
     g.add_argument("--hostfile", default=None, help="MPI hostfile (`host slots=N` or `host:N` lines); implies the mpirun form")
     g.add_argument("--per", choices=PER_CHOICES, default="socket", help="one rank per socket (default) or per NUMA node")
-    g.add_argument("--backend", choices=BACKENDS, default="auto", help="CPU collective backend (auto: ccl if its binding imports, else mpi if torch has it, else gloo)")
+    g.add_argument("--backend", choices=BACKENDS, default="auto", help="CPU collective backend (auto: ccl if its binding imports, else mpi if torch has it, else gloo; never ds-ccl). ds-ccl: EXPERIMENTAL DeepSpeed ZeRO-2 + oneCCL all-reduce, one node, slower than gloo on small machines (benchmarks/results/cpu_collectives.md)")
+    g.add_argument("--ccl-root", default=None, metavar="PREFIX", help="with --backend ds-ccl: the oneCCL 2021.17.2 prefix (default $CCL_ROOT)")
     g.add_argument("--launcher", choices=LAUNCHERS, default="auto", help="accelerate (one `accelerate launch` per node) or mpirun (needs --hostfile); auto picks mpirun when a hostfile is given")
     g.add_argument("--master-addr", default=None, help="address of node 0 (default: 127.0.0.1 for one node, the first hostfile host, or this host)")
     g.add_argument("--master-port", type=int, default=DEFAULT_PORT)
@@ -69,6 +73,7 @@ def build_plan(args, train_argv: list[str] | None = None) -> LaunchPlan:
         iface=args.iface,
         train_argv=train_argv,
         detect_network=not getattr(args, "topology", None),
+        ccl_root=getattr(args, "ccl_root", None),
     )
 
 
@@ -102,6 +107,17 @@ def _executable_argv(argv: list[str]) -> list[str]:
     return argv
 
 
+def launch_env(plan: LaunchPlan, environ=None) -> dict[str, str]:
+    """The environment for the launcher process: ``environ`` (default os.environ) + the plan's launcher_env, minus its
+    unset_env (e.g. ds-ccl: LD_LIBRARY_PATH/CPATH with the oneCCL paths, and no ACCELERATE_USE_CPU)."""
+    env = dict(os.environ if environ is None else environ)
+    env.update(plan.launcher_env)
+    for k in plan.unset_env:
+        if env.pop(k, None) is not None:
+            print(f"sft launch: note: removed {k} from the launch environment (backend {plan.backend})", file=sys.stderr)
+    return env
+
+
 def launch_command(args, train_argv: list[str] | None = None) -> int:
     """Plan for this machine and run this node's command (or the one mpirun command). Returns its exit status.
 
@@ -133,7 +149,7 @@ def launch_command(args, train_argv: list[str] | None = None) -> int:
     print(f"\nsft launch: node {node}: {cmd.shell()}", file=sys.stderr, flush=True)
     if getattr(args, "dry_run", False):
         return 0
-    env = dict(os.environ)
+    env = launch_env(plan)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     try:
         return subprocess.run(_executable_argv(cmd.argv), env=env).returncode

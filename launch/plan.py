@@ -46,25 +46,60 @@ oneCCL looks for Hydra/PMI variables and fails under accelerate/torchrun: accele
 network interface for oneCCL's key-value store: on hosts with several NICs (docker0, ib0, a management NIC...) oneCCL
 may pick one the other nodes cannot reach and hang at init; the plan uses ``--iface`` or the interface that routes
 to MASTER_ADDR. The same interface goes to GLOO_SOCKET_IFNAME for gloo (gloo has the same wrong-NIC failure).
+
+Backend ``ds-ccl`` (EXPERIMENTAL, explicit only: ``auto`` never picks it): DeepSpeed ZeRO-2 with its gradient
+all-reduce on oneCCL through DeepSpeed's own op ``deepspeed_ccl_comm``, for torch >= 2.9 where
+oneccl_bindings_for_pytorch does not exist. Measured 5-11x SLOWER than gloo on a shared 2-core machine
+(benchmarks/results/cpu_collectives.md, section 2); only worth re-measuring on dedicated Xeon nodes. The plan:
+
+* checks the prerequisites first (:func:`check_ds_ccl_prereqs`: deepspeed importable, CCL_ROOT with lib/libccl.so*
+  and include/oneapi/ccl.hpp, g++ and ninja) and fails with a PlanError that names what is missing;
+* one node only, accelerate form only (the one verified): ``accelerate launch --config_file
+  configs/accelerate/cpu_deepspeed_ccl.yaml --num_processes N ...`` WITHOUT ``--cpu`` (accelerate rejects it with
+  DeepSpeed) and WITHOUT ``--multi_gpu``;
+* every rank gets DS_ACCELERATOR=cpu, CCL_ROOT, CPATH=$CCL_ROOT/include:..., LD_LIBRARY_PATH=$CCL_ROOT/lib:...
+  (DeepSpeed's op builder adds no include path and no rpath), LOCAL_SIZE (DeepSpeed's shm op), SFT_BACKEND=ds-ccl,
+  and the oneCCL variables of backend ``ccl`` (one core per rank reserved for the oneCCL worker);
+* it does NOT set ACCELERATE_USE_CPU: with it the DEEPSPEED config is silently ignored and the run is plain DDP
+  over gloo (MULTI_CPU). ``sft launch`` removes an inherited one. The ranks' sft.distributed then creates a gloo
+  group and forces DeepSpeed's CCLBackend on it (the workaround from the report).
+
+Because launch.pin's ``--env`` values are only defaults (a variable the launcher's env already has is kept),
+CPATH / LD_LIBRARY_PATH are also in ``LaunchPlan.launcher_env``: ``sft launch`` sets them in the environment of the
+``accelerate launch`` it runs; by hand, export them first (``sft plan`` prints the lines).
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.util
+import os
 import shlex
+import shutil
 import socket
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .pin import pin_settings
 from .topology import Topology, format_cpu_list
 
-BACKENDS = ("auto", "gloo", "ccl", "mpi")
+BACKENDS = ("auto", "gloo", "ccl", "mpi", "ds-ccl")
+EXPERIMENTAL_BACKENDS = ("ds-ccl",)  # never chosen by "auto"
+CCL_BACKENDS = ("ccl", "ds-ccl")  # backends whose ranks run a oneCCL worker thread (reserved core, CCL_* env)
 PER_CHOICES = ("socket", "numa")
 LAUNCHERS = ("auto", "accelerate", "mpirun")
 DEFAULT_PORT = 29500
 DEFAULT_TRAIN_ARGV = ("sft", "train")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs" / "accelerate"
+DS_CCL_CONFIG = "cpu_deepspeed_ccl.yaml"
+CPU_COLLECTIVES_REPORT = "benchmarks/results/cpu_collectives.md"
+ONECCL_PINS = (
+    "oneccl==2021.17.2 oneccl-devel==2021.17.2 impi-rt==2021.17.2 "
+    "intel-sycl-rt==2025.3.3 intel-cmplr-lib-rt==2025.3.3 intel-cmplr-lib-ur==2025.3.3"
+)
 
 
 class PlanError(ValueError):
@@ -128,6 +163,10 @@ class LaunchPlan:
     train_argv: list[str]
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # env the shell running the commands must have (launch.pin's --env values do not override inherited ones);
+    # `sft launch` applies it to the `accelerate launch` it starts, by hand: export it first
+    launcher_env: dict[str, str] = field(default_factory=dict)
+    unset_env: list[str] = field(default_factory=list)  # variables that must NOT be in that shell's env
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -208,7 +247,10 @@ def detect_iface(master_addr: str, port: int = DEFAULT_PORT) -> str | None:
 
 
 def resolve_backend(backend: str) -> str:
-    """``auto`` -> what this Python would use on CPU (ccl if its binding imports, else mpi if torch has it, else gloo)."""
+    """``auto`` -> what this Python would use on CPU (ccl if its binding imports, else mpi if torch has it, else gloo).
+
+    ``auto`` never resolves to an experimental backend (``ds-ccl``): those are explicit choices only.
+    """
     if backend not in BACKENDS:
         raise PlanError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend != "auto":
@@ -216,9 +258,98 @@ def resolve_backend(backend: str) -> str:
     try:
         from sft.distributed import choose_backend
 
-        return choose_backend("cpu")
+        chosen = choose_backend("cpu")
+        if chosen in EXPERIMENTAL_BACKENDS:  # $SFT_BACKEND=ds-ccl must not turn "auto" into ds-ccl
+            chosen = choose_backend("cpu", "auto")
     except Exception:  # torch missing on a login node: plan for the portable default
         return "gloo"
+    return chosen if chosen in BACKENDS and chosen not in EXPERIMENTAL_BACKENDS else "gloo"
+
+
+# ---- ds-ccl prerequisites ----------------------------------------------------------------------------------
+@dataclass
+class DsCclPrereqs:
+    """Result of :func:`check_ds_ccl_prereqs`: the oneCCL prefix found and one line per missing piece."""
+
+    ccl_root: str | None
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing
+
+
+def _module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None  # no import: deepspeed's import is slow and chatty
+    except (ImportError, ValueError):
+        return False
+
+
+def check_ds_ccl_prereqs(
+    ccl_root: str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    module_available: Callable[[str], bool] = _module_available,
+    which: Callable[[str], str | None] = shutil.which,
+    glob_fn: Callable[[str], list[str]] = glob.glob,
+    is_dir: Callable[[str], bool] = os.path.isdir,
+    interpreter: str | None = None,
+) -> DsCclPrereqs:
+    """What backend ``ds-ccl`` needs on the node it is planned on; every probe is injectable (tests, other nodes).
+
+    ``ccl_root`` defaults to ``$CCL_ROOT``. Each entry of ``missing`` names the missing piece and how to get it.
+    """
+    environ = os.environ if environ is None else environ
+    interpreter = interpreter or sys.executable
+    root = ccl_root or environ.get("CCL_ROOT") or None
+    missing: list[str] = []
+    if not module_available("deepspeed"):
+        missing.append(
+            f"deepspeed is not importable by {interpreter}: pip install 'deepspeed>=0.16' (or the [deepspeed] extra: "
+            "pip install -e '.[deepspeed]')"
+        )
+    install = f"pip install --no-deps --prefix <prefix> {ONECCL_PINS}"
+    if not root:
+        missing.append(
+            "CCL_ROOT is not set: install oneCCL 2021.17.2 into a prefix outside the venv "
+            f"({install}) and export CCL_ROOT=<prefix> (or pass --ccl-root); oneccl 2022.2.0 from PyPI segfaults "
+            "(see " + CPU_COLLECTIVES_REPORT + ")"
+        )
+    elif not is_dir(root):
+        missing.append(f"CCL_ROOT={root} is not a directory: install oneCCL 2021.17.2 there ({install})")
+    else:
+        if not glob_fn(os.path.join(root, "lib", "libccl.so*")):
+            missing.append(
+                f"CCL_ROOT={root} has no lib/libccl.so*: install the oneCCL runtime there "
+                f"(pip install --no-deps --prefix {root} oneccl==2021.17.2 impi-rt==2021.17.2 intel-sycl-rt==2025.3.3 "
+                "intel-cmplr-lib-rt==2025.3.3 intel-cmplr-lib-ur==2025.3.3)"
+            )
+        if not glob_fn(os.path.join(root, "include", "oneapi", "ccl.hpp")):
+            missing.append(
+                f"CCL_ROOT={root} has no include/oneapi/ccl.hpp: install the headers "
+                f"(pip install --no-deps --prefix {root} oneccl-devel==2021.17.2)"
+            )
+    if not which("g++"):
+        missing.append(
+            "g++ is not on PATH: DeepSpeed JIT-compiles its deepspeed_ccl_comm op at the first run "
+            "(apt-get install g++, or your distribution's C++ compiler package)"
+        )
+    if not which("ninja"):
+        venv_ninja = Path(interpreter).parent / "ninja"
+        if venv_ninja.exists():
+            missing.append(
+                f"ninja is in {venv_ninja.parent} but not on PATH (torch's JIT build runs `ninja`): activate the venv "
+                f"or export PATH={venv_ninja.parent}:$PATH"
+            )
+        else:
+            missing.append("ninja is not installed: pip install ninja (a deepspeed dependency; torch's JIT build needs it)")
+    return DsCclPrereqs(ccl_root=root, missing=missing)
+
+
+def _prepend_path(first: str, existing: str | None) -> str:
+    parts = [p for p in (existing or "").split(os.pathsep) if p and p != first]
+    return os.pathsep.join([first, *parts])
 
 
 def config_path(name: str) -> str:
@@ -258,7 +389,13 @@ def make_plan(
     train_argv: list[str] | None = None,
     ccl_workers: int = 1,
     detect_network: bool = True,
+    ccl_root: str | None = None,
+    prereq_check: Callable[[str | None], DsCclPrereqs] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> LaunchPlan:
+    """Plan a launch. For ``backend="ds-ccl"``: ``ccl_root`` (default $CCL_ROOT), ``prereq_check(ccl_root)``
+    (default :func:`check_ds_ccl_prereqs`) and ``environ`` (default os.environ: the CPATH / LD_LIBRARY_PATH that the
+    oneCCL paths are prepended to) make the plan independent of this machine in tests."""
     if per not in PER_CHOICES:
         raise PlanError(f"--per must be one of {', '.join(PER_CHOICES)}, got {per!r}")
     if launcher not in LAUNCHERS:
@@ -267,6 +404,22 @@ def make_plan(
     train_argv = list(train_argv) if train_argv else list(DEFAULT_TRAIN_ARGV)
     notes: list[str] = []
     warnings: list[str] = []
+    environ = os.environ if environ is None else environ
+    ds_ccl = backend == "ds-ccl"
+    if ds_ccl:
+        if hostfile or launcher == "mpirun" or (nodes or 1) > 1:
+            raise PlanError(
+                "backend ds-ccl (experimental) is planned for one node with `accelerate launch` only (the form "
+                f"verified in {CPU_COLLECTIVES_REPORT}); drop --nodes/--hostfile/--launcher mpirun, or use gloo"
+            )
+        pre = (prereq_check or check_ds_ccl_prereqs)(ccl_root)
+        if pre.missing or not pre.ccl_root:
+            missing = pre.missing or ["CCL_ROOT is not set"]
+            raise PlanError(
+                "backend ds-ccl (experimental) needs what is missing here:\n  - " + "\n  - ".join(missing)
+                + f"\n  (details: {CPU_COLLECTIVES_REPORT}; gloo, the default, needs none of this)"
+            )
+        ccl_root = pre.ccl_root
 
     # -- hosts / nodes
     slots: list[int | None] = []
@@ -312,7 +465,7 @@ def make_plan(
     local: list[RankPlan] = []
     for local_rank, (_, cpus) in enumerate(groups):
         compute, reserved = list(cpus), []
-        if backend == "ccl":
+        if backend in CCL_BACKENDS:
             if len(cpus) > ccl_workers:
                 compute, reserved = cpus[: len(cpus) - ccl_workers], cpus[len(cpus) - ccl_workers :]
             else:
@@ -336,7 +489,7 @@ def make_plan(
             )
         )
     for rp in local:  # exactly what launch.pin will set in that rank
-        rp.env = pin_settings([r.cpus for r in local], rp.local_rank, ccl=backend == "ccl")[1]
+        rp.env = pin_settings([r.cpus for r in local], rp.local_rank, ccl=backend in CCL_BACKENDS)[1]
     threads = sorted({rp.omp_num_threads for rp in local})
     if len(threads) > 1:
         warnings.append(
@@ -362,7 +515,26 @@ def make_plan(
         "KMP_AFFINITY": "granularity=fine,compact,1,0",
         "KMP_BLOCKTIME": "1",
     }
-    if backend == "ccl":
+    launcher_env: dict[str, str] = {}
+    unset_env: list[str] = []
+    if ds_ccl:
+        # ACCELERATE_USE_CPU would turn the DEEPSPEED launch into MULTI_CPU DDP over gloo, silently
+        del env["ACCELERATE_USE_CPU"]
+        unset_env.append("ACCELERATE_USE_CPU")
+        assert ccl_root is not None
+        launcher_env = {
+            "CPATH": _prepend_path(os.path.join(ccl_root, "include"), environ.get("CPATH")),
+            "LD_LIBRARY_PATH": _prepend_path(os.path.join(ccl_root, "lib"), environ.get("LD_LIBRARY_PATH")),
+        }
+        env.update(
+            {
+                "DS_ACCELERATOR": "cpu",
+                "CCL_ROOT": ccl_root,
+                **launcher_env,
+                "LOCAL_SIZE": str(ranks_per_node),
+            }
+        )
+    if backend in CCL_BACKENDS:
         worker_cpus = [c for rp in local for c in rp.ccl_worker_cpus]
         env.update(
             {
@@ -396,14 +568,43 @@ def make_plan(
     pin_argv = ["-m", "launch.pin"]
     for rp in local:
         pin_argv += ["--cpus", format_cpu_list(rp.cpus)]
-    if backend == "ccl":
+    if backend in CCL_BACKENDS:
         pin_argv += ["--ccl"]
     for k, v in env.items():
         pin_argv += ["--env", f"{k}={v}"]
     pin_argv += ["--", *train_argv]
     omp = str(min(rp.omp_num_threads for rp in local))
     commands: list[Command] = []
-    if launcher == "mpirun":
+    if ds_ccl:
+        config = config_path(DS_CCL_CONFIG)
+        # no --cpu (accelerate rejects it with DeepSpeed; the Trainer's use_cpu=True puts the run on CPU) and no
+        # --multi_gpu: the DEEPSPEED config selects accelerate's DeepSpeed launcher (torchrun on one node)
+        argv = [
+            "accelerate", "launch", "--config_file", config,
+            "--num_processes", str(world_size), "--num_machines", "1",
+            "--main_process_port", str(master_port),
+            "--num_cpu_threads_per_process", omp,
+            *pin_argv,
+        ]  # fmt: skip
+        commands.append(Command(node_rank=0, host=hosts[0], argv=argv))
+        notes.append(
+            "EXPERIMENTAL backend ds-ccl: DeepSpeed ZeRO-2 (configs/deepspeed/cpu_zero2_ccl.json) with the gradient "
+            "all-reduce on oneCCL through DeepSpeed's deepspeed_ccl_comm op, forced onto a gloo group by "
+            "sft.distributed (torch >= 2.9 has no 'ccl' process group). It was 5-11x SLOWER than gloo on a small "
+            f"shared machine (2 cores; measured table: {CPU_COLLECTIVES_REPORT}, section 2): re-measure on your "
+            "nodes before using it, gloo stays the default"
+        )
+        notes.append(
+            "ACCELERATE_USE_CPU is deliberately not set (with it accelerate ignores the DeepSpeed config and runs "
+            "plain DDP over gloo); `unset ACCELERATE_USE_CPU` in your shell if you run the command by hand"
+        )
+        notes.append(
+            "the first run JIT-compiles DeepSpeed's deepspeed_ccl_comm and deepspeed_shm_comm ops (minutes each; "
+            "cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)"
+        )
+        if world_size == 1:
+            warnings.append("world size 1: there is nothing to all-reduce, oneCCL is not used (plan gloo instead)")
+    elif launcher == "mpirun":
         config = config_path("cpu_multi_node.yaml")
         argv = [
             "accelerate", "launch", "--config_file", config, "--cpu",
@@ -463,6 +664,8 @@ def make_plan(
         train_argv=train_argv,
         notes=notes,
         warnings=warnings,
+        launcher_env=launcher_env,
+        unset_env=unset_env,
     )
     validate_plan(plan, topo)
     return plan
@@ -542,6 +745,11 @@ def format_plan(plan: LaunchPlan, max_rows: int = 32) -> str:
         lines.append(f"  {k}={v}")
     per_rank = sorted({k for rp in plan.local_ranks for k in rp.env})
     lines.append(f"per-rank env (launch.pin): {', '.join(per_rank)}")
+    if plan.launcher_env or plan.unset_env:
+        lines.append("")
+        lines.append("launcher env (`sft launch` sets it; by hand, run this first):")
+        lines += [f"  export {k}={shlex.quote(v)}" for k, v in plan.launcher_env.items()]
+        lines += [f"  unset {k}" for k in plan.unset_env]
     lines.append("")
     lines.append("commands (run from the repository root):")
     for cmd in plan.commands[:8]:

@@ -19,7 +19,13 @@ import sys
 
 
 def _quiet_environment() -> None:
-    """No telemetry, no surprise network calls, no tokenizer fork warnings."""
+    """No telemetry, no surprise network calls, no tokenizer fork warnings, no deprecation noise from the
+    libraries' own internals (peft still calls transformers' deprecated checkpointing helpers)."""
+    import warnings
+
+    for module in ("transformers", "peft", "accelerate", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -53,10 +53,11 @@ class ModelConfig:
         "Tokenizer source; default: the model's own. `arch:` models default to the embedded SmolLM2 tokenizer "
         "(or a byte-level one when the architecture's vocabulary is smaller than SmolLM2's).",
     )
-    dtype: Literal["bf16-mixed", "bf16", "fp32"] = _f(
+    dtype: Literal["auto", "bf16-mixed", "bf16", "fp32"] = _f(
         "bf16-mixed",
         "Precision policy. bf16-mixed: bf16 weights, fp32 1-D parameters (norms, biases), bf16 autocast "
-        "(the seed recipe). bf16: bf16 weights, no autocast. fp32: everything fp32 (exact tests).",
+        "(the seed recipe). bf16: bf16 weights, no autocast. fp32: everything fp32 (exact tests). auto: "
+        "bf16-mixed on GPUs and on CPUs with AMX / AVX512-BF16, fp32 on others (where bf16 is emulated and slower).",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _f(
         "sdpa", "Attention kernel passed to transformers."

@@ -8,6 +8,15 @@ otherwise treats a torchrun-started CPU rank as a single process (distributed ty
 Ranks are read from the env of whichever launcher started us: torchrun/accelerate (RANK, LOCAL_RANK, WORLD_SIZE),
 Intel MPI / MPICH (PMI_RANK, PMI_SIZE, MPI_LOCALRANKID), Open MPI (OMPI_COMM_WORLD_*), MVAPICH (MV2_COMM_WORLD_*),
 the same list accelerate uses.
+
+Backend ``ds-ccl`` (EXPERIMENTAL, only when requested: ``SFT_BACKEND=ds-ccl``, set by ``sft launch --backend ds-ccl``):
+DeepSpeed ZeRO-2 with its all-reduce on oneCCL through DeepSpeed's ``deepspeed_ccl_comm`` op. torch >= 2.9 has no
+"ccl" process group (``deepspeed.init_distributed(dist_backend="ccl")`` alone fails with ``AssertionError: Unknown
+backend type ccl``), so :func:`init_process_group_if_needed` creates a gloo group first, then sets DeepSpeed's CPU
+accelerator's (private) ``_communication_backend_name`` to "ccl" and calls ``deepspeed.init_distributed(
+dist_backend="ccl")``, which builds ``deepspeed.comm.ccl.CCLBackend`` on that group (all_reduce / broadcast /
+barrier on oneCCL, every other collective on gloo). It does NOT set ACCELERATE_USE_CPU (that makes accelerate
+ignore the DeepSpeed config and run plain DDP). See benchmarks/results/cpu_collectives.md.
 """
 
 from __future__ import annotations
@@ -25,6 +34,9 @@ WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_W
 LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
 LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
 DEFAULT_TIMEOUT_S = 1800
+CPU_BACKENDS = ("gloo", "ccl", "mpi", "ds-ccl")
+EXPERIMENTAL_BACKENDS = ("ds-ccl",)  # only when requested explicitly, never chosen
+_ds_ccl_active = False  # set once the DeepSpeed CCLBackend workaround is in place (reported by run_metadata)
 
 
 def _env_int(names, default: int) -> int:
@@ -43,10 +55,20 @@ def _ccl_importable() -> bool:
     return True
 
 
+def _deepspeed_importable() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("deepspeed") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def choose_backend(device: str = "cpu", requested: str | None = None) -> str:
     """'nccl' on CUDA; on CPU 'ccl' if oneccl_bindings_for_pytorch imports, else 'mpi' if torch has it, else 'gloo'.
 
-    ``requested`` (default: $SFT_BACKEND, set by ``sft launch``) may force gloo/ccl/mpi; 'auto' or None chooses.
+    ``requested`` (default: $SFT_BACKEND, set by ``sft launch``) may force gloo/ccl/mpi/ds-ccl; 'auto' or None
+    chooses (never 'ds-ccl': the experimental DeepSpeed+oneCCL path is only used when requested by name).
     """
     requested = requested if requested is not None else os.environ.get("SFT_BACKEND")
     if str(device).startswith("cuda"):
@@ -56,8 +78,10 @@ def choose_backend(device: str = "cpu", requested: str | None = None) -> str:
             raise RuntimeError("backend 'ccl' requested but oneccl_bindings_for_pytorch does not import")
         if requested == "mpi" and not dist.is_mpi_available():
             raise RuntimeError("backend 'mpi' requested but this torch was built without MPI")
-        if requested not in ("gloo", "ccl", "mpi"):
-            raise RuntimeError(f"unknown CPU backend {requested!r} (gloo, ccl, mpi)")
+        if requested == "ds-ccl" and not _deepspeed_importable():
+            raise RuntimeError("backend 'ds-ccl' requested but deepspeed is not importable: pip install 'deepspeed>=0.16'")
+        if requested not in CPU_BACKENDS:
+            raise RuntimeError(f"unknown CPU backend {requested!r} ({', '.join(CPU_BACKENDS)})")
         return requested
     if _ccl_importable():
         return "ccl"
@@ -108,9 +132,17 @@ def init_process_group_if_needed(timeout_s: int = DEFAULT_TIMEOUT_S, device: str
     if info.world_size <= 1:
         return False
     cpu = not str(device).startswith("cuda")
-    if cpu:
-        os.environ["ACCELERATE_USE_CPU"] = "true"
     backend = choose_backend(device)
+    ds_ccl = cpu and backend == "ds-ccl"
+    if ds_ccl:
+        # ACCELERATE_USE_CPU makes accelerate ignore the DEEPSPEED config (MULTI_CPU DDP over gloo, silently)
+        if os.environ.pop("ACCELERATE_USE_CPU", None) is not None:
+            import sys
+
+            print("sft: backend ds-ccl: removed ACCELERATE_USE_CPU from the environment (it would turn the "
+                  "DeepSpeed run into plain DDP over gloo)", file=sys.stderr, flush=True)
+    elif cpu:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     # env:// needs RANK/WORLD_SIZE/MASTER_*; MPI launchers only set their own names (accelerate does the same copy).
     os.environ.setdefault("RANK", str(info.rank))
     os.environ.setdefault("WORLD_SIZE", str(info.world_size))
@@ -121,14 +153,64 @@ def init_process_group_if_needed(timeout_s: int = DEFAULT_TIMEOUT_S, device: str
         if info.local_world_size != info.world_size and backend != "mpi":
             raise RuntimeError("multi-node run without MASTER_ADDR: export rank 0's address as MASTER_ADDR")
         os.environ["MASTER_ADDR"] = "127.0.0.1"
-    kwargs = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
+    timeout = datetime.timedelta(seconds=timeout_s)
+    kwargs = {"backend": "gloo" if ds_ccl else backend, "timeout": timeout}
     if backend != "mpi":
         kwargs.update(rank=info.rank, world_size=info.world_size)
     if not cpu:
         torch.cuda.set_device(info.local_rank)
         kwargs["device_id"] = torch.device("cuda", info.local_rank)
     dist.init_process_group(**kwargs)
+    if ds_ccl:
+        _init_deepspeed_ccl(info, timeout)
     return True
+
+
+def _init_deepspeed_ccl(info: "DistInfo", timeout: datetime.timedelta) -> None:
+    """Force DeepSpeed's CCLBackend (oneCCL through its deepspeed_ccl_comm op) onto the gloo group just created.
+
+    The workaround of benchmarks/results/cpu_collectives.md: DeepSpeed's CPU accelerator reports "ccl" only when
+    oneccl_bindings_for_pytorch imports (it cannot on torch >= 2.9), and CCLBackend skips its own
+    init_process_group("ccl") when a group exists.
+    """
+    global _ds_ccl_active
+    # oneCCL under torchrun/accelerate: no Hydra/PMI, so it needs its local rank/size; LOCAL_SIZE for DeepSpeed's shm op
+    os.environ.setdefault("CCL_PROCESS_LAUNCHER", "none")
+    os.environ.setdefault("CCL_LOCAL_RANK", str(info.local_rank))
+    os.environ.setdefault("CCL_LOCAL_SIZE", str(info.local_world_size))
+    os.environ.setdefault("LOCAL_SIZE", str(info.local_world_size))
+    if os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
+        raise RuntimeError(f"backend ds-ccl needs DS_ACCELERATOR=cpu, got {os.environ['DS_ACCELERATOR']!r}")
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    if not os.environ.get("CCL_ROOT"):
+        raise RuntimeError("backend ds-ccl needs CCL_ROOT (the oneCCL 2021.17.2 prefix); plan it with "
+                           "`sft launch --backend ds-ccl`, which sets it with CPATH and LD_LIBRARY_PATH")
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+    except ImportError as e:
+        raise RuntimeError(f"backend ds-ccl needs deepspeed: pip install 'deepspeed>=0.16' ({e})") from e
+    acc = get_accelerator()
+    if acc.device_name() != "cpu" or not hasattr(acc, "_communication_backend_name"):
+        raise RuntimeError(
+            f"backend ds-ccl: DeepSpeed's accelerator is {type(acc).__name__} ({acc.device_name()}), expected "
+            "CPU_Accelerator with a _communication_backend_name attribute (verified with deepspeed 0.19.8)"
+        )
+    acc._communication_backend_name = "ccl"  # private attribute: the only way to select CCLBackend without the binding
+    try:
+        deepspeed.init_distributed(dist_backend="ccl", timeout=timeout)
+    except Exception as e:
+        raise RuntimeError(
+            f"backend ds-ccl: deepspeed.init_distributed(dist_backend='ccl') failed: {type(e).__name__}: {e}. "
+            "The deepspeed_ccl_comm op needs CPATH=$CCL_ROOT/include at build time and LD_LIBRARY_PATH=$CCL_ROOT/lib "
+            "at process start, g++ and ninja; see benchmarks/results/cpu_collectives.md"
+        ) from e
+    from deepspeed import comm as ds_comm
+
+    cdb = type(getattr(ds_comm.comm, "cdb", None)).__name__
+    if cdb != "CCLBackend":
+        raise RuntimeError(f"backend ds-ccl: DeepSpeed's communication backend is {cdb}, not CCLBackend")
+    _ds_ccl_active = True
 
 
 def barrier() -> None:
@@ -182,8 +264,11 @@ def run_metadata() -> dict:
         affinity = _format_cpus(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         affinity = None
+    backend = info.backend or ("none" if info.world_size == 1 else os.environ.get("SFT_BACKEND"))
+    if _ds_ccl_active:
+        backend = "ds-ccl"  # torch group: gloo; DeepSpeed's CCLBackend runs all_reduce/broadcast/barrier on oneCCL
     meta = {
-        "backend": info.backend or ("none" if info.world_size == 1 else os.environ.get("SFT_BACKEND")),
+        "backend": backend,
         "world_size": info.world_size,
         "local_world_size": info.local_world_size,
         "rank": info.rank,
@@ -193,19 +278,13 @@ def run_metadata() -> dict:
         "cpu_affinity": affinity,
         "pinned_by_launch_pin": os.environ.get("SFT_PINNED_CPUS") is not None,
     }
-    for k in ("CCL_WORKER_COUNT", "CCL_WORKER_AFFINITY", "CCL_ATL_TRANSPORT", "KMP_AFFINITY"):
+    if _ds_ccl_active:
+        meta["process_group_backend"] = info.backend
+        meta["deepspeed_comm"] = "CCLBackend"
+    for k in ("CCL_WORKER_COUNT", "CCL_WORKER_AFFINITY", "CCL_ATL_TRANSPORT", "KMP_AFFINITY", "DS_ACCELERATOR", "CCL_ROOT"):
         if k in os.environ:
             meta[k.lower()] = os.environ[k]
     return meta
-
-
-def all_reduce_min_int(value: int) -> int:
-    """The smallest ``value`` over all ranks (e.g. optimizer steps per epoch: every rank takes the same number)."""
-    if not is_initialized() or dist.get_world_size() == 1:
-        return int(value)
-    t = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
 
 
 # --------------------------------------------------------------------------------------------- watchdog

@@ -230,6 +230,9 @@ def train(cfg: RunConfig) -> RunSummary:
     from sft.models import count_parameters, load_model_and_tokenizer, resolve_source
 
     t_start = time.perf_counter()
+    from sft.models import resolve_dtype_policy
+
+    cfg.model.dtype = resolve_dtype_policy(cfg.model.dtype)  # "auto" becomes what this machine runs fastest
     dist.init_process_group_if_needed(timeout_s=cfg.training.dist_timeout_s,
                                       device="cuda" if torch.cuda.is_available() else "cpu")
     dist.start_watchdog()

@@ -60,7 +60,7 @@ def test_overrides_types():
         ("trainig.max_steps=3", "unknown config key 'trainig'"),
         ("training.max_steps=three", "training.max_steps: expected an integer, got 'three'"),
         ("training.max_steps=2.5", "training.max_steps: expected an integer, got 2.5"),
-        ("model.dtype=fp16", "model.dtype: 'fp16' is not allowed; choose one of 'bf16-mixed', 'bf16', 'fp32'"),
+        ("model.dtype=fp16", "model.dtype: 'fp16' is not allowed; choose one of 'auto', 'bf16-mixed', 'bf16', 'fp32'"),
         ("lora.r=0", "lora.r: 0 is below the minimum 1"),
         ("lora.dropout=1.5", "lora.dropout: 1.5 is above the maximum 1"),
         ("data.answer_only=maybe", "data.answer_only: expected true/false, got 'maybe'"),

@@ -20,7 +20,16 @@ from pathlib import Path
 import pytest
 
 from launch import cli, pin
-from launch.plan import PlanError, format_plan, make_plan, parse_hostfile, validate_plan
+from launch.plan import (
+    DsCclPrereqs,
+    PlanError,
+    check_ds_ccl_prereqs,
+    format_plan,
+    make_plan,
+    parse_hostfile,
+    resolve_backend,
+    validate_plan,
+)
 from launch.topology import (
     Topology,
     cgroup_cpuset,
@@ -157,7 +166,7 @@ def check_plan(plan, topo: Topology, per: str = "socket") -> None:
         seen_cores |= set(cores)
         assert 1 <= rp.omp_num_threads <= len(rp.cpus) <= len(rp.cores)
         assert rp.env["OMP_NUM_THREADS"] == str(rp.omp_num_threads)
-        if plan.backend == "ccl" and len(rp.cores) > 1:
+        if plan.backend in ("ccl", "ds-ccl") and len(rp.cores) > 1:
             assert len(rp.ccl_worker_cpus) == 1 and rp.omp_num_threads == len(rp.cores) - 1
         else:
             assert rp.ccl_worker_cpus == [] and rp.omp_num_threads == len(rp.cores)
@@ -165,7 +174,7 @@ def check_plan(plan, topo: Topology, per: str = "socket") -> None:
     assert plan.ranks_per_node == len({key(topo.cpu(c)) for c in allowed})
     assert plan.world_size == plan.nodes * plan.ranks_per_node == len(plan.ranks)
     assert sorted(r.rank for r in plan.ranks) == list(range(plan.world_size))
-    if plan.backend == "ccl":
+    if plan.backend in ("ccl", "ds-ccl"):
         workers = [c for rp in plan.local_ranks for c in rp.ccl_worker_cpus]
         if workers:
             assert plan.env["CCL_WORKER_AFFINITY"] == ",".join(map(str, workers))
@@ -186,7 +195,9 @@ def check_commands(plan) -> None:
         assert (REPO / a.config_file).exists() or Path(a.config_file).exists()
         assert a.num_processes == plan.world_size and a.num_machines == plan.nodes
         assert a.module and a.training_script == "launch.pin"
-        if plan.launcher == "mpirun":
+        if plan.backend == "ds-ccl":  # DeepSpeed: neither --cpu (rejected with DeepSpeed) nor --multi_gpu
+            assert not a.cpu and not a.multi_gpu and a.config_file.endswith("cpu_deepspeed_ccl.yaml")
+        elif plan.launcher == "mpirun":
             assert a.cpu and a.mpirun_hostfile == plan.hostfile and a.main_process_ip == plan.master_addr
         elif plan.world_size == 1:
             assert a.cpu and not a.multi_gpu
@@ -198,7 +209,11 @@ def check_commands(plan) -> None:
         assert pin_args[pin_args.index("--") + 1 :] == plan.train_argv
         assert [pin_args[i + 1] for i, x in enumerate(pin_args) if x == "--cpus"] == [format_cpu_list(rp.cpus) for rp in plan.local_ranks]
         envs = dict(pin_args[i + 1].split("=", 1) for i, x in enumerate(pin_args) if x == "--env")
-        assert envs == plan.env and envs["ACCELERATE_USE_CPU"] == "true"
+        assert envs == plan.env
+        if plan.backend == "ds-ccl":
+            assert "ACCELERATE_USE_CPU" not in envs  # it would turn the DeepSpeed run into plain DDP over gloo
+        else:
+            assert envs["ACCELERATE_USE_CPU"] == "true"
         assert "MASTER_ADDR" in envs and envs["SFT_BACKEND"] == plan.backend
 
 
@@ -314,6 +329,143 @@ def test_validate_plan_catches_overlap():
         validate_plan(plan, topo)
 
 
+# ---- experimental backend ds-ccl (DeepSpeed + oneCCL): no deepspeed / oneCCL needed, prerequisites injected --------
+CCL_ROOT = "/opt/oneccl-2021.17.2"
+
+
+def _ds_ccl_present(ccl_root=None):
+    return DsCclPrereqs(ccl_root=ccl_root or CCL_ROOT, missing=[])
+
+
+def _fake_ccl_root(tmp_path: Path, lib: bool = True, include: bool = True) -> Path:
+    root = tmp_path / "ccl"
+    (root / "lib").mkdir(parents=True)
+    (root / "include" / "oneapi").mkdir(parents=True)
+    if lib:
+        (root / "lib" / "libccl.so.1").write_text("")
+    if include:
+        (root / "include" / "oneapi" / "ccl.hpp").write_text("")
+    return root
+
+
+def test_ds_ccl_plan_env_config_and_command():
+    topo = spr()
+    environ = {"LD_LIBRARY_PATH": "/usr/local/lib", "PATH": "/usr/bin"}
+    plan = make_plan(topo, backend="ds-ccl", prereq_check=_ds_ccl_present, environ=environ, master_port=29632)
+    check_plan(plan, topo)
+    assert plan.backend == "ds-ccl" and plan.world_size == 2 and plan.launcher == "accelerate"
+    assert plan.config_file.endswith("configs/accelerate/cpu_deepspeed_ccl.yaml")
+    env = plan.env
+    assert "ACCELERATE_USE_CPU" not in env and plan.unset_env == ["ACCELERATE_USE_CPU"]
+    assert env["SFT_BACKEND"] == "ds-ccl" and env["DS_ACCELERATOR"] == "cpu" and env["CCL_ROOT"] == CCL_ROOT
+    assert env["CPATH"] == f"{CCL_ROOT}/include"  # nothing to prepend to
+    assert env["LD_LIBRARY_PATH"] == f"{CCL_ROOT}/lib:/usr/local/lib"  # prepended, the existing path kept
+    assert env["LOCAL_SIZE"] == "2"
+    # the oneCCL variables of backend ccl: worker count / affinity on the reserved cores, transport, KMP
+    assert env["CCL_WORKER_COUNT"] == "1" and env["CCL_WORKER_AFFINITY"] == "55,111" and env["CCL_ATL_TRANSPORT"] == "ofi"
+    assert env["CCL_PROCESS_LAUNCHER"] == "none" and env["KMP_BLOCKTIME"] == "1" and "KMP_AFFINITY" in env
+    assert [r.omp_num_threads for r in plan.local_ranks] == [55, 55]
+    assert plan.local_ranks[1].env["CCL_LOCAL_RANK"] == "1" and plan.local_ranks[1].env["CCL_LOCAL_SIZE"] == "2"
+    # what `sft launch` puts in the launcher's own env (launch.pin's --env values never override inherited ones)
+    assert plan.launcher_env == {"CPATH": env["CPATH"], "LD_LIBRARY_PATH": env["LD_LIBRARY_PATH"]}
+    (cmd,) = plan.commands
+    argv = cmd.argv
+    assert argv[:4] == ["accelerate", "launch", "--config_file", plan.config_file]
+    assert "--cpu" not in argv and "--multi_gpu" not in argv
+    assert argv[argv.index("--num_processes") + 1] == "2" and argv[argv.index("--main_process_port") + 1] == "29632"
+    assert "ACCELERATE_USE_CPU=true" not in argv and "--ccl" in argv
+    text = format_plan(plan)
+    assert "EXPERIMENTAL" in text and "SLOWER than gloo" in text and "benchmarks/results/cpu_collectives.md" in text
+    assert f"export LD_LIBRARY_PATH={CCL_ROOT}/lib:/usr/local/lib" in text and "unset ACCELERATE_USE_CPU" in text
+    json.dumps(plan.to_dict())
+
+
+def test_ds_ccl_launch_env_removes_accelerate_use_cpu():
+    plan = make_plan(spr(), backend="ds-ccl", prereq_check=_ds_ccl_present, environ={})
+    env = cli.launch_env(plan, {"ACCELERATE_USE_CPU": "true", "LD_LIBRARY_PATH": "/x", "HOME": "/root"})
+    assert "ACCELERATE_USE_CPU" not in env and env["HOME"] == "/root"
+    assert env["LD_LIBRARY_PATH"] == f"{CCL_ROOT}/lib" and env["CPATH"] == f"{CCL_ROOT}/include"
+    gloo = make_plan(spr(), backend="gloo")
+    assert cli.launch_env(gloo, {"ACCELERATE_USE_CPU": "true"}) == {"ACCELERATE_USE_CPU": "true"}
+
+
+def test_ds_ccl_prereq_check_passes_on_a_complete_install(tmp_path):
+    root = _fake_ccl_root(tmp_path)
+    pre = check_ds_ccl_prereqs(environ={"CCL_ROOT": str(root)}, module_available=lambda m: True, which=lambda n: f"/usr/bin/{n}")
+    assert pre.ok and pre.ccl_root == str(root)
+    # --ccl-root wins over $CCL_ROOT; the plan then uses it
+    pre = check_ds_ccl_prereqs(str(root), environ={"CCL_ROOT": "/nowhere"}, module_available=lambda m: True, which=lambda n: "/bin/x")
+    assert pre.ok and pre.ccl_root == str(root)
+    check = lambda r: check_ds_ccl_prereqs(r, environ={}, module_available=lambda m: True, which=lambda n: "/bin/x")  # noqa: E731
+    plan = make_plan(spr(), backend="ds-ccl", ccl_root=str(root), prereq_check=check, environ={})
+    assert plan.env["CCL_ROOT"] == str(root) and plan.env["LD_LIBRARY_PATH"] == f"{root}/lib"
+
+
+@pytest.mark.parametrize(
+    "piece, kwargs, expected",
+    [
+        ("deepspeed", {"module_available": lambda m: m != "deepspeed"}, ["deepspeed is not importable", "pip install 'deepspeed"]),
+        ("ccl_root", {"environ": {}}, ["CCL_ROOT is not set", "oneccl==2021.17.2", "--ccl-root"]),
+        ("lib", {"lib": False}, ["no lib/libccl.so*", "oneccl==2021.17.2"]),
+        ("include", {"include": False}, ["no include/oneapi/ccl.hpp", "oneccl-devel==2021.17.2"]),
+        ("g++", {"which": lambda n: None if n == "g++" else f"/usr/bin/{n}"}, ["g++ is not on PATH", "apt-get install g++"]),
+        ("ninja", {"which": lambda n: None if n == "ninja" else f"/usr/bin/{n}", "interpreter": "/nonexistent/bin/python"}, ["ninja is not installed", "pip install ninja"]),
+    ],
+)
+def test_ds_ccl_missing_prerequisite_is_named(tmp_path, piece, kwargs, expected):
+    kwargs = dict(kwargs)
+    root = _fake_ccl_root(tmp_path, lib=kwargs.pop("lib", True), include=kwargs.pop("include", True))
+    probes = {"environ": {"CCL_ROOT": str(root)}, "module_available": lambda m: True, "which": lambda n: f"/usr/bin/{n}", **kwargs}
+    pre = check_ds_ccl_prereqs(**probes)
+    assert len(pre.missing) == 1, pre.missing
+    assert all(e in pre.missing[0] for e in expected), pre.missing[0]
+    # the plan refuses with a PlanError naming the missing piece
+    with pytest.raises(PlanError) as exc:
+        make_plan(spr(), backend="ds-ccl", prereq_check=lambda r: check_ds_ccl_prereqs(r, **probes))
+    msg = str(exc.value)
+    assert "ds-ccl" in msg and all(e in msg for e in expected) and "benchmarks/results/cpu_collectives.md" in msg
+
+
+def test_ds_ccl_nothing_installed_lists_everything(tmp_path):
+    pre = check_ds_ccl_prereqs(environ={}, module_available=lambda m: False, which=lambda n: None, interpreter="/nonexistent/bin/python")
+    text = "\n".join(pre.missing)
+    assert len(pre.missing) == 4 and "deepspeed" in text and "CCL_ROOT is not set" in text and "g++" in text and "ninja" in text
+    pre = check_ds_ccl_prereqs(str(tmp_path / "missing"), environ={}, module_available=lambda m: True, which=lambda n: "/bin/x")
+    assert pre.missing == [f"CCL_ROOT={tmp_path / 'missing'} is not a directory: install oneCCL 2021.17.2 there ({pre.missing[0].split('(', 1)[1]}"]
+
+
+def test_ds_ccl_cli_error_names_missing_piece(capsys, monkeypatch):
+    monkeypatch.delenv("CCL_ROOT", raising=False)
+    assert cli.plan_command(_args(["--topology", str(SPR), "--backend", "ds-ccl"])) == 2
+    assert "CCL_ROOT is not set" in capsys.readouterr().err
+
+
+def test_ds_ccl_one_node_accelerate_only():
+    with pytest.raises(PlanError, match="one node"):
+        make_plan(spr(), nodes=2, backend="ds-ccl", master_addr="10.0.0.1", prereq_check=_ds_ccl_present)
+    with pytest.raises(PlanError, match="one node"):
+        make_plan(spr(), hostfile=str(HOSTFILE4), backend="ds-ccl", prereq_check=_ds_ccl_present)
+    one = make_plan(load_topology(THIS), backend="ds-ccl", prereq_check=_ds_ccl_present, environ={})
+    assert one.world_size == 1 and any("world size 1" in w for w in one.warnings)
+    check_commands(one)
+
+
+def test_auto_never_picks_ds_ccl(monkeypatch):
+    from sft import distributed as sd
+
+    monkeypatch.setenv("SFT_BACKEND", "ds-ccl")  # even with the env of a ds-ccl rank
+    monkeypatch.setattr(sd, "_deepspeed_importable", lambda: True)
+
+    def never(*a, **k):
+        raise AssertionError("auto must not check ds-ccl prerequisites")
+
+    assert resolve_backend("auto") in ("gloo", "ccl", "mpi")
+    for topo in (spr(), load_topology(THIS)):
+        assert make_plan(topo, backend="auto", prereq_check=never).backend != "ds-ccl"
+    monkeypatch.delenv("SFT_BACKEND")
+    assert sd.choose_backend("cpu") != "ds-ccl" and sd.choose_backend("cpu", "auto") != "ds-ccl"
+
+
 # ---- launch.pin ----------------------------------------------------------------------------------------------
 def test_pin_refuses_an_unplanned_local_rank():
     with pytest.raises(pin.PinError):
@@ -395,6 +547,77 @@ def test_choose_backend(monkeypatch):
     if not sd._ccl_importable():
         with pytest.raises(RuntimeError):
             sd.choose_backend("cpu", "ccl")
+    with pytest.raises(RuntimeError):
+        sd.choose_backend("cpu", "nope")
+
+
+def test_choose_backend_ds_ccl_only_when_requested(monkeypatch):
+    from sft import distributed as sd
+
+    monkeypatch.delenv("SFT_BACKEND", raising=False)
+    monkeypatch.setattr(sd, "_deepspeed_importable", lambda: True)
+    assert sd.choose_backend("cpu", "ds-ccl") == "ds-ccl"
+    assert sd.choose_backend("cpu") != "ds-ccl"
+    monkeypatch.setenv("SFT_BACKEND", "ds-ccl")
+    assert sd.choose_backend("cpu") == "ds-ccl" and sd.choose_backend("cuda") == "nccl"
+    monkeypatch.setattr(sd, "_deepspeed_importable", lambda: False)
+    with pytest.raises(RuntimeError, match="deepspeed"):
+        sd.choose_backend("cpu", "ds-ccl")
+
+
+def test_ds_ccl_init_gloo_first_then_deepspeed_ccl(monkeypatch):
+    """SFT_BACKEND=ds-ccl: gloo group first, then the DeepSpeed workaround; ACCELERATE_USE_CPU is never set."""
+    import types
+
+    import torch.distributed as dist
+
+    from sft import distributed as sd
+
+    calls: list = []
+
+    class FakeAccelerator:
+        _communication_backend_name = "gloo"
+
+        def device_name(self):
+            return "cpu"
+
+    class CCLBackend:  # what deepspeed.comm.comm.cdb is after a successful init
+        pass
+
+    acc = FakeAccelerator()
+    comm_mod = types.SimpleNamespace(cdb=None)
+
+    def init_distributed(dist_backend=None, timeout=None, **kw):
+        calls.append(("deepspeed.init_distributed", dist_backend, acc._communication_backend_name))
+        comm_mod.cdb = CCLBackend()
+
+    fake_ds = types.ModuleType("deepspeed")
+    fake_ds.init_distributed = init_distributed
+    fake_ds.comm = types.SimpleNamespace(comm=comm_mod)
+    fake_acc_mod = types.ModuleType("deepspeed.accelerator")
+    fake_acc_mod.get_accelerator = lambda: acc
+    monkeypatch.setitem(sys.modules, "deepspeed", fake_ds)
+    monkeypatch.setitem(sys.modules, "deepspeed.accelerator", fake_acc_mod)
+    monkeypatch.setattr(sd, "_deepspeed_importable", lambda: True)
+    monkeypatch.setattr(sd, "_ds_ccl_active", False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(calls))
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(("init_process_group", kw["backend"])))
+    monkeypatch.setattr(dist, "get_rank", lambda *a: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    for v in sd.RANK_VARS + sd.WORLD_SIZE_VARS + sd.LOCAL_RANK_VARS + sd.LOCAL_SIZE_VARS:
+        monkeypatch.delenv(v, raising=False)
+    for k, v in {"SFT_BACKEND": "ds-ccl", "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "CCL_ROOT": "/opt/ccl", "ACCELERATE_USE_CPU": "true"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("CCL_LOCAL_RANK", "CCL_LOCAL_SIZE", "LOCAL_SIZE", "DS_ACCELERATOR", "CCL_PROCESS_LAUNCHER"):
+        monkeypatch.delenv(k, raising=False)
+    assert sd.init_process_group_if_needed(60) is True
+    assert calls == [("init_process_group", "gloo"), ("deepspeed.init_distributed", "ccl", "ccl")]
+    assert "ACCELERATE_USE_CPU" not in os.environ  # removed, never set
+    assert os.environ["DS_ACCELERATOR"] == "cpu" and os.environ["CCL_LOCAL_RANK"] == "1" and os.environ["LOCAL_SIZE"] == "2"
+    meta = sd.run_metadata()
+    assert meta["backend"] == "ds-ccl" and meta["process_group_backend"] == "gloo" and meta["deepspeed_comm"] == "CCLBackend"
 
 
 def test_dist_info_from_mpi_env(monkeypatch):
