@@ -32,7 +32,9 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 3
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
             out = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                eos_token_id=tokenizer.eos_token_id, use_cache=True, num_beams=1,
+                # unset sampling knobs a checkpoint's generation_config may carry (they only cause warnings)
+                temperature=None, top_p=None, top_k=None,
             )
             new = out[:, enc["input_ids"].shape[1]:]
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,13 +116,6 @@ class _Collator:
 # --------------------------------------------------------------------------------------------- accuracy
 
 
-def _autocast(cfg: RunConfig, device: torch.device):
-    # bf16-mixed keeps norms in fp32: outside autocast their fp32 output would meet a bf16 Linear.
-    if cfg.model.dtype == "bf16-mixed" or cfg.quantization.mode == "nf4":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def held_out_rows(cfg: RunConfig, n: int) -> list[dict[str, str]]:
     from sft.data.source import ShardedSource
 
@@ -137,19 +129,18 @@ def held_out_rows(cfg: RunConfig, n: int) -> list[dict[str, str]]:
 
 
 def accuracy(cfg: RunConfig, model, tokenizer, rows: list[dict[str, str]], desc: str) -> float:
-    from sft.data.demo import exact_match
+    """Held-out exact match of greedy answers, prompted exactly as in training."""
+    from sft.data.demo import evaluate_accuracy
     from sft.data.formatting import prompt_text
-    from sft.generation import generate_texts
 
-    prompts = [prompt_text(tokenizer, r["question"], cfg.data.template) for r in rows]
-    device = next(model.parameters()).device
-    with _autocast(cfg, device):
-        preds = generate_texts(model, tokenizer, prompts, max_new_tokens=cfg.training.max_new_tokens,
-                               batch_size=cfg.training.per_device_eval_batch_size * 4,
-                               progress=cfg.training.progress, desc=desc,
-                               add_special_tokens=cfg.data.template == "default")
-    hits = sum(exact_match(p, r["answer"]) for p, r in zip(preds, rows))
-    return hits / max(1, len(rows))
+    bf16 = cfg.model.dtype == "bf16-mixed" or cfg.quantization.mode == "nf4"
+    acc, _ = evaluate_accuracy(
+        model, tokenizer, rows, lambda q: prompt_text(tokenizer, q, cfg.data.template),
+        batch_size=cfg.training.per_device_eval_batch_size * 4, max_new_tokens=cfg.training.max_new_tokens,
+        progress=cfg.training.progress, autocast_dtype=torch.bfloat16 if bf16 else None,
+        add_special_tokens=cfg.data.template == "default", desc=desc,
+    )
+    return acc
 
 
 # --------------------------------------------------------------------------------------------- trainer

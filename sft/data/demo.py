@@ -109,7 +109,6 @@ def exact_match(prediction: str, answer: str) -> bool:
     return _normalize(prediction) == _normalize(answer)
 
 
-@torch.no_grad()
 def evaluate_accuracy(
     model: torch.nn.Module,
     tokenizer,
@@ -119,65 +118,28 @@ def evaluate_accuracy(
     max_new_tokens: int = 12,
     progress: bool = True,
     autocast_dtype: torch.dtype | None = None,
+    add_special_tokens: bool = True,
+    desc: str = "evaluating",
 ) -> tuple[float, list[str]]:
     """Exact-match accuracy of greedy answers on ``rows``; returns ``(accuracy in [0, 1], predictions)``.
 
-    Each prompt is ``prompt_fn(row["question"])`` (e.g. ``"Question: ...\\n\\nAnswer:"``). Prompts are batched with
-    LEFT padding (so every sequence ends where generation starts); the pad token is the EOS token when the tokenizer
-    has none. A prediction is the decoded text of the new tokens up to the first EOS, stripped and cut at the first
-    newline. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs generation under autocast on the model's device type.
+    Each prompt is ``prompt_fn(row["question"])`` (e.g. ``"Question: ...\n\nAnswer:"``), generated greedily in
+    left-padded batches (sft.generation.generate_texts). A prediction is the decoded text of the new tokens up to
+    the first EOS, stripped and cut at the first newline. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs
+    generation under autocast on the model's device type (needed for bf16 weights with fp32 norms).
     """
-    from tqdm.auto import tqdm
+    from contextlib import nullcontext
+
+    from sft.generation import generate_texts
 
     if not rows:
         return 0.0, []
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-
-    old_side = tokenizer.padding_side
-    old_pad = tokenizer.pad_token
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
-    predictions: list[str] = []
-    try:
-        batches = range(0, len(rows), batch_size)
-        for start in tqdm(batches, desc="evaluating", unit="batch", disable=not progress):
-            batch = rows[start:start + batch_size]
-            enc = tokenizer(
-                [prompt_fn(r["question"]) for r in batch], return_tensors="pt", padding=True
-            ).to(device)
-            autocast = (
-                torch.autocast(device.type, dtype=autocast_dtype)
-                if autocast_dtype is not None else torch.autocast(device.type, enabled=False)
-            )
-            with autocast:
-                out = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    pad_token_id=pad_id,
-                    eos_token_id=eos_id,
-                    # Unset sampling knobs that a checkpoint's generation_config may carry (avoids warnings).
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                )
-            new_tokens = out[:, enc["input_ids"].shape[1]:].tolist()
-            for ids in new_tokens:
-                if eos_id in ids:
-                    ids = ids[: ids.index(eos_id)]
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                predictions.append(text.strip().split("\n", 1)[0].strip())
-    finally:
-        tokenizer.padding_side = old_side
-        tokenizer.pad_token = old_pad
-        model.train(was_training)
-
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    with autocast:
+        texts = generate_texts(model, tokenizer, [prompt_fn(r["question"]) for r in rows], max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, progress=progress, desc=desc,
+                               add_special_tokens=add_special_tokens)
+    predictions = [t.strip().split("\n", 1)[0].strip() for t in texts]
     correct = sum(exact_match(p, r["answer"]) for p, r in zip(predictions, rows))
     return correct / len(rows), predictions
