@@ -112,9 +112,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from sft.merging import merge_adapter
 
-    r = merge_adapter(args.adapter, args.out, overwrite=args.overwrite, base_override=args.base)
-    print(f"merged {args.adapter} into {r.out} ({r.dtype}, {r.seconds:.1f} s); "
-          f"logits check: max |diff| {r.max_abs_diff:.2e} (max |logit| {r.max_abs_logit:.1f})")
+    r = merge_adapter(args.adapter, args.out, overwrite=args.overwrite, base_override=args.base,
+                      check=False if args.no_check else "auto", method=args.method)
+    check = (f"logits check: max |diff| {r.max_abs_diff:.2e} (max |logit| {r.max_abs_logit:.1f})" if r.checked
+             else "logits check skipped")
+    print(f"merged {args.adapter} into {r.out} ({r.dtype}, {r.seconds:.1f} s); {check}")
     return 0
 
 
@@ -156,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the merged model")
     p.add_argument("--base", help="base model to use instead of the one recorded with the adapter")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-check", action="store_true", help="skip the reload-and-compare-logits self-check")
+    p.add_argument("--method", choices=["auto", "shards", "model"], default="auto",
+                   help="shards: stream the base's safetensors shard by shard (small memory); model: whole model")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("generate", help="generate from a merged model, an adapter dir or any model source")

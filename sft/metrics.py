@@ -147,3 +147,68 @@ class StepTimer:
 
 def as_dict(obj) -> dict:
     return asdict(obj)
+
+
+# --------------------------------------------------------------------------------------------- benchmark helpers
+# (used by benchmarks/; additions only)
+
+
+def measure_gemm_peak(dtype: torch.dtype = torch.bfloat16, size: int = 2048, seconds: float = 2.0,
+                      device: str | None = None, rounds: int = 4) -> dict[str, float]:
+    """Achieved GEMM FLOP/s for ``dtype``, the best of the two operand layouts a training step uses.
+
+    ``a @ b`` (both operands row-major, as in the backward pass's ``grad @ W``) and ``a @ b.T`` (``F.linear``'s
+    layout, the forward pass) can run different kernels: on a CPU without native bf16 (AVX2 only) bf16 ``a @ b``
+    measured ~0.3 GFLOP/s and ``a @ b.T`` ~5 GFLOP/s. A peak is the best the machine does, so both layouts are
+    timed in ``rounds`` short rounds and the best round of the best layout is the peak (on a shared, noisy machine
+    the best round is the one least disturbed). ``size`` is the largest matrix side: a layout so slow that one
+    ``size``-GEMM would take more than a sixteenth of ``seconds`` is timed on smaller matrices (found with a 512
+    probe), so the measurement ends in about ``seconds``. Returns ``{"nn": FLOP/s, "nt": FLOP/s, "peak": max}``."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+    def rate(fn, n: int, budget: float) -> float:
+        k, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < budget or k == 0:
+            fn()
+            k += 1
+        sync()
+        return 2 * n**3 * k / (time.perf_counter() - t0)
+
+    def operands(n: int, layout: str):
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
+        fn = (lambda: a @ b) if layout == "nn" else (lambda: a @ b.T)
+        fn()
+        sync()
+        return fn
+
+    out: dict[str, float] = {}
+    for layout in ("nn", "nt"):
+        n = size
+        if size > 512:
+            probe = rate(operands(512, layout), 512, 0.0)  # one timed call
+            fit = int((probe * seconds / 32) ** (1 / 3)) // 128 * 128  # one GEMM ~ seconds / 16
+            n = max(512, min(size, fit))
+        fn = operands(n, layout)
+        out[layout] = max(rate(fn, n, seconds / 2 / rounds) for _ in range(max(1, rounds)))
+    out["peak"] = max(out["nn"], out["nt"])
+    return out
+
+
+def percentile(values, q: float) -> float:
+    """The ``q``-quantile (0..1) of ``values`` by linear interpolation; nan when empty."""
+    xs = sorted(float(v) for v in values)
+    if not xs:
+        return float("nan")
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def utilization(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    """MFU (with model FLOPs per token) or HFU (with hardware FLOPs per token) against ``peak_flops``."""
+    if not peak_flops or peak_flops <= 0:
+        return float("nan")
+    return tokens_per_s * flops_per_token / peak_flops

@@ -276,7 +276,69 @@ def build_random(arch: str, seed: int, dtype: torch.dtype = torch.float32, devic
     return model
 
 
+# bitsandbytes' Params4bit default, which transformers uses when it quantizes a checkpoint while loading it
+# (BitsAndBytesConfig has no block-size option). The merge re-quantizes with exactly this.
+NF4_BLOCKSIZE = 64
+
+
+def sharded_launch() -> str | None:
+    """'DeepSpeed ZeRO-3' or 'FSDP' when this process was started by such a launch, else None.
+
+    Read from what ``accelerate launch`` exports (ACCELERATE_USE_FSDP; ACCELERATE_USE_DEEPSPEED with
+    ACCELERATE_DEEPSPEED_ZERO_STAGE or the stage in ACCELERATE_DEEPSPEED_CONFIG_FILE) and from transformers'
+    own ZeRO-3 flag (set once a TrainingArguments with a ZeRO-3 config exists)."""
+    import json as _json
+
+    def truthy(name: str) -> bool:
+        return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+    if truthy("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    if truthy("ACCELERATE_USE_DEEPSPEED"):
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "").strip()
+        if not stage and os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            try:
+                ds = _json.loads(Path(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).read_text())
+                stage = str(ds.get("zero_optimization", {}).get("stage", ""))
+            except (OSError, ValueError, AttributeError):
+                stage = ""
+        if stage == "3":
+            return "DeepSpeed ZeRO-3"
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            return "DeepSpeed ZeRO-3"
+    except ImportError:
+        pass
+    return None
+
+
+def resolve_quant_storage(q: QuantizationConfig) -> str:
+    """The storage dtype of the packed 4-bit weights.
+
+    ZeRO-3 and FSDP flatten and shard parameters as ordinary tensors of one dtype: the packed NF4 weights must be
+    stored as the compute dtype (bf16) for that, so under such a launch an unset ``quantization.quant_storage``
+    becomes the compute dtype and a different explicit value is an error. Elsewhere the default is uint8.
+    The stored bits are the same either way (only the tensor's dtype label differs), so the quantization, and
+    what a merge reproduces, do not depend on it."""
+    launch = sharded_launch()
+    if q.quant_storage is None:
+        if launch:
+            log.info("%s launch: quantization.quant_storage defaults to the compute dtype %s", launch, q.compute_dtype)
+            return q.compute_dtype
+        return "uint8"
+    if launch and q.quant_storage != q.compute_dtype:
+        raise ConfigError(
+            f"quantization.quant_storage: {q.quant_storage} under a {launch} launch; {launch} shards the packed 4-bit "
+            f"weights as ordinary tensors and needs them stored as the compute dtype. Set "
+            f"quantization.quant_storage={q.compute_dtype} (or leave it unset)"
+        )
+    return q.quant_storage
+
+
 def _bnb_config(q: QuantizationConfig):
+    """NF4 with (by default) double quantization, computing in ``q.compute_dtype``: the QLoRA recipe."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -288,8 +350,56 @@ def _bnb_config(q: QuantizationConfig):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=_torch_dtype(q.compute_dtype),
-        bnb_4bit_quant_storage=_torch_dtype(q.quant_storage or "uint8"),
+        bnb_4bit_quant_storage=_torch_dtype(resolve_quant_storage(q)),
     )
+
+
+def nf4_roundtrip(weight: torch.Tensor, q: QuantizationConfig, device: str | torch.device | None = None) -> torch.Tensor:
+    """The weight a QLoRA model computes with: bitsandbytes' dequantization of its NF4 quantization.
+
+    Reproduces what loading with :func:`_bnb_config` does to one Linear weight: cast to the compute dtype
+    (transformers casts before quantizing), quantize in blocks of :data:`NF4_BLOCKSIZE` with the absmax
+    constants quantized again when ``double_quant``, then dequantize (the result is in the compute dtype).
+    ``device``: where to quantize (default: CUDA when present, like training; else CPU). Returned on CPU."""
+    import bitsandbytes.functional as bnbf
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    w = weight.to(device=device, dtype=_torch_dtype(q.compute_dtype)).contiguous()
+    packed, state = bnbf.quantize_4bit(
+        w, blocksize=NF4_BLOCKSIZE, compress_statistics=q.double_quant, quant_type="nf4",
+        quant_storage=_torch_dtype(q.quant_storage or "uint8"),
+    )
+    return bnbf.dequantize_4bit(packed, state).to("cpu")
+
+
+def quantized_weight_names(config, q: QuantizationConfig) -> set[str]:
+    """Names of the weights that loading with ``quantization.mode=nf4`` stores in 4 bits (the rest stay dense).
+
+    Asks transformers itself: the architecture is built on the meta device (no memory) and run through the
+    same module replacement ``from_pretrained`` applies (every nn.Linear but the output head, tied weights and
+    the model's keep-in-fp32 modules)."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    try:
+        from transformers.integrations import replace_with_bnb_linear
+        from transformers.quantizers.base import HfQuantizer
+
+        bnb_cfg = _bnb_config(q)
+        skip = HfQuantizer.get_modules_to_not_convert(
+            model, bnb_cfg.llm_int8_skip_modules, getattr(model, "_keep_in_fp32_modules", None)
+        )
+        model = replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=bnb_cfg)
+        return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    except (ImportError, TypeError, AttributeError) as e:  # a transformers version with other internals
+        log.warning("transformers' bnb module replacement is not usable here (%s); using the default rule", e)
+        head = model.get_output_embeddings()
+        tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+        return {f"{n}.weight" for n, m in model.named_modules()
+                if type(m) is torch.nn.Linear and m is not head and f"{n}.weight" not in tied}
 
 
 def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42, source: ModelSource | None = None,
@@ -366,12 +476,18 @@ def dense_copy_of_gguf(folder: str, file: str) -> Path:
     return _atomic_save(out, lambda tmp: model.save_pretrained(tmp, safe_serialization=True))
 
 
-def materialize_arch(arch: str, seed: int) -> Path:
-    """Save a random-init architecture as safetensors in the cache (once per arch and seed)."""
-    out = cache_dir() / "arch" / f"{arch}-seed{seed}"
+def materialize_arch(arch: str, seed: int, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Save a random-init architecture as safetensors in the cache (once per arch, seed and dtype).
+
+    The weights equal the in-memory path's (``build_random(arch, seed)`` in fp32, then cast): transformers runs
+    its initialisers in fp32 and casts, so building directly in bf16 gives the same bits at half the memory
+    (tests/test_qlora.py checks it). bf16 is what QLoRA quantizes and what the bf16 policies train against;
+    fp32 (``dtype=torch.float32``, cache entry ``...-fp32``) is what the fp32 policy trains against."""
+    suffix = "" if dtype == torch.bfloat16 else "-" + str(dtype).replace("torch.", "").replace("float", "fp")
+    out = cache_dir() / "arch" / f"{arch}-seed{seed}{suffix}"
     if (out / "config.json").exists():
         return out
-    model = build_random(arch, seed, dtype=torch.bfloat16)
+    model = build_random(arch, seed, dtype=dtype)
     return _atomic_save(out, lambda tmp: model.save_pretrained(tmp, max_shard_size="2GB"))
 
 
@@ -382,11 +498,10 @@ def apply_dtype_policy(model: torch.nn.Module, policy: str) -> None:
     if policy == "fp32":
         model.float()
     elif policy in ("bf16", "bf16-mixed"):
-        model.to(torch.bfloat16)
-        if policy == "bf16-mixed":
-            for p in model.parameters():
-                if p.ndim == 1:
-                    p.data = p.data.float()
+        # parameters only: buffers such as RoPE's inv_freq stay fp32 (model.to() would round them, and the
+        # merged model, loaded fresh, would then use other frequencies than training did)
+        for p in model.parameters():
+            p.data = p.data.to(torch.float32 if policy == "bf16-mixed" and p.ndim == 1 else torch.bfloat16)
     else:
         raise ConfigError(f"model.dtype: unknown policy {policy!r}")
 
@@ -452,3 +567,26 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, lora_cfg: LoraSection | Non
         torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same adapter init
         model = add_lora(model, lora_cfg, model_cfg.gradient_checkpointing, quantized=quant.mode == "nf4")
     return model, tokenizer, source
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: where bf16 matmuls beat fp32 on CPU. Without them (e.g. AVX2-only cores) oneDNN
+    emulates bf16 and autocast is 3-4x SLOWER than fp32 (measured on a 2-core EPYC: see benchmarks/demo_tuning.py)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_dtype_policy(policy: str) -> str:
+    """``auto`` -> bf16-mixed on CUDA or on CPUs with fast bf16, fp32 elsewhere; other policies unchanged."""
+    if policy != "auto":
+        return policy
+    if torch.cuda.is_available() or cpu_has_fast_bf16():
+        return "bf16-mixed"
+    return "fp32"

@@ -217,7 +217,7 @@ def _resolve_resume(cfg: RunConfig, ckpt_dir: Path) -> str | None:
 def train(cfg: RunConfig) -> RunSummary:
     from transformers import TrainingArguments
 
-    from sft.merging import merge_adapter
+    from sft.merging import base_meta_callback, merge_adapter
     from sft.models import count_parameters, load_model_and_tokenizer, resolve_source
 
     t_start = time.perf_counter()
@@ -331,7 +331,9 @@ def train(cfg: RunConfig) -> RunSummary:
         train_dataset=_packed(cfg, tokenizer, train_src, infinite=True),
         eval_dataset=eval_dataset,
         data_collator=_Collator(cfg.data.position_ids),
-        callbacks=[_make_callback(timer, losses)],
+        callbacks=[_make_callback(timer, losses),
+                   # every checkpoint-N carries sft_base.json, so `sft merge --adapter .../checkpoint-N` works
+                   base_meta_callback(cfg.model, cfg.quantization, cfg.training.seed)],
     )
     resume = _resolve_resume(cfg, ckpt_dir)
     t_train = time.perf_counter()

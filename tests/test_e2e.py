@@ -78,8 +78,10 @@ def test_merged_logits_equal_adapter_logits(trained_run):
     from sft.merging import load_adapter_model
 
     work, _ = trained_run
-    adapter_model, tok = load_adapter_model(work / "out" / "adapter", dtype=torch.float32)
-    merged = AutoModelForCausalLM.from_pretrained(work / "out" / "merged", dtype=torch.float32)
+    # Compared in float64: the fp32 run trained and merged in fp32; evaluating both in float64 removes the
+    # forward pass's own fp32 rounding (~5e-6 on these logits), leaving the merge's error.
+    adapter_model, tok = load_adapter_model(work / "out" / "adapter", dtype=torch.float64)
+    merged = AutoModelForCausalLM.from_pretrained(work / "out" / "merged", dtype=torch.float64)
     ids = tok(["Question: What colour is item 7?\n\nAnswer:", "Question: hello there\n\nAnswer: Item"],
               return_tensors="pt", padding=True)["input_ids"]
     with torch.no_grad():
