@@ -1,0 +1,18 @@
+"""Benchmarks for sft: a matrix runner (`sft bench`), the seed-recipe baseline, and scaling studies.
+
+Modules, in the order a run uses them:
+
+``matrix``     YAML matrix -> cells (model x quantization x seq length x micro-batch x checkpointing x dtype x
+               variant x ranks); variants are RunConfig overrides.
+``data``       the synthetic Deep Lake dataset every cell reads (generated once, cached).
+``machine``    machine facts (CPU, flags, GPU, library versions, git commit) and spec peak FLOP/s.
+``runner``     runs each cell in its own subprocess (or set of rank processes), aggregates per-rank results,
+               appends them to ``benchmarks/results/<date>-<host>.jsonl``.
+``cell``       the subprocess side: builds the run through ``sft.training`` (variant ``framework``) or
+               ``benchmarks.baseline`` (variant ``baseline``) with instrumentation on the same Trainer.
+``baseline``   the seed recipe (Trainer + PEFT, bf16 weights with fp32 1-D params under autocast, naive packing).
+``report``     Markdown table (printed with rich, saved as .md) and PNG plots.
+``costmodel``  compute time + ring all-reduce of LoRA gradients -> scaling efficiency projections.
+``scaling``    `sft bench scaling`: measured strong / weak scaling over ranks, checked against the cost model.
+``cli``        `sft bench ...` argument parsing.
+"""

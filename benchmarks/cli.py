@@ -1,0 +1,261 @@
+"""`sft bench`: the argument parser and the commands (thin: parse, call benchmarks.*).
+
+    sft bench [--matrix cpu|smoke|gpu|PATH] [--steps N] [--warmup W] [--set AXIS=VALUE] [--only TEXT]
+    sft bench scaling --ranks 1,2 [--model opt-125m] [--seq-length 512] [--micro-batch 8] [--modes strong,weak]
+                      [--bandwidth-gbps 100 --latency-us 5] [--nodes 1,2,4,8,16,32,64]
+    sft bench project --model opt-1.3b --lora-r 16 --step-time 1.2 --bandwidth-gbps 100 --latency-us 5
+    sft bench report [--jsonl benchmarks/results/DATE-HOST.jsonl] [--run-id ID]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from sft.errors import ConfigError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.description = ("Throughput / MFU / memory benchmarks. Each cell runs in its own process; results are appended "
+                     "to benchmarks/results/<date>-<host>.jsonl with a Markdown table and PNG plots beside it.")
+    p.add_argument("mode", nargs="?", default="run", choices=["run", "scaling", "project", "report"],
+                   help="run a matrix (default), a scaling study, a cost-model projection, or rebuild a report")
+    g = p.add_argument_group("matrix (run)")
+    g.add_argument("--matrix", default="cpu", help="matrix YAML or a shipped name: cpu, smoke, gpu (default: cpu)")
+    g.add_argument("--set", dest="axis_overrides", action="append", default=[], metavar="AXIS=VALUE",
+                   help="force an axis for every cell, e.g. --set dtype=fp32 (repeatable)")
+    g.add_argument("--only", action="append", default=[], metavar="TEXT",
+                   help="run only cells whose label contains TEXT (repeatable: any of them)")
+    g.add_argument("--repeat", type=int, default=1,
+                   help="run the matrix N times round-robin and report medians (for shared, noisy machines)")
+    g = p.add_argument_group("common")
+    g.add_argument("--steps", type=int, default=None, help="measured steps per cell (default: from the matrix)")
+    g.add_argument("--warmup", type=int, default=None, help="warm-up steps per cell (default: from the matrix)")
+    g.add_argument("--results-dir", default=None, help="where the JSONL, Markdown and PNGs go (default: benchmarks/results)")
+    g.add_argument("--cell-timeout", type=float, default=3600.0, help="seconds before a cell is stopped (default 3600)")
+    g.add_argument("--peak-seconds", type=float, default=2.0, help="seconds per GEMM peak measurement (default 2)")
+    g.add_argument("--launcher", choices=["accelerate", "torchrun"], default="accelerate",
+                   help="how ranks > 1 are started (default: accelerate launch --multi_gpu)")
+    g.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin CPU ranks to their cores")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress display")
+    g.add_argument("--keep-work", action="store_true", help="keep each cell's logs and spec (path printed)")
+    g.add_argument("--dataset-rows", type=int, default=None, help="rows of the synthetic dataset")
+    g.add_argument("--env", dest="cell_env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for every cell, e.g. --env OMP_WAIT_POLICY=PASSIVE (recorded)")
+    g = p.add_argument_group("scaling / project")
+    g.add_argument("--ranks", type=_int_list, default=[1, 2], help="rank counts to measure (default 1,2)")
+    g.add_argument("--modes", default="strong,weak", help="strong, weak or both (default strong,weak)")
+    g.add_argument("--model", default="opt-125m", help="architecture or model.name (default opt-125m)")
+    g.add_argument("--seq-length", type=int, default=512)
+    g.add_argument("--micro-batch", type=int, default=8,
+                   help="sequences per step on one rank; strong scaling splits it over the ranks (default 8)")
+    g.add_argument("--dtype", default=None,
+                   help="dtype of the scaling cells: auto (default: bf16-mixed with native bf16, else fp32), "
+                        "bf16-mixed, bf16, fp32")
+    g.add_argument("--variant", default="framework", help="variant of the scaling cells (default framework)")
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated, or all-linear")
+    g.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    g.add_argument("--bandwidth-gbps", type=_float_list, default=None,
+                   help="cluster link bandwidth(s) in Gbit/s for the projection (comma-separated, paired with "
+                        "--latency-us; default: 25 and 100 as examples)")
+    g.add_argument("--latency-us", type=_float_list, default=None,
+                   help="per-message latency(ies) in microseconds (default: 10 and 3)")
+    g.add_argument("--nodes", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64], help="node counts to project")
+    g.add_argument("--step-time", type=float, default=None, help="project: measured compute seconds per step")
+    g.add_argument("--global-batch", type=int, default=None, help="strong-scaling projection's global batch")
+    g.add_argument("--grad-bytes-per-param", type=int, default=4, help="project: gradient element size (fp32: 4)")
+    g = p.add_argument_group("report")
+    g.add_argument("--jsonl", default=None, help="results file (default: the newest in --results-dir)")
+    g.add_argument("--run-id", default=None, help="which run of the file (default: the last)")
+    return p
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run (rebuilt from the parsed options, so it is right however we were called)."""
+    parts = ["sft", "bench"]
+    if args.mode != "run":
+        parts.append(args.mode)
+    if args.mode == "run":
+        parts += ["--matrix", args.matrix]
+        for s in args.axis_overrides:
+            parts += ["--set", s]
+        for o in args.only:
+            parts += ["--only", o]
+        if args.repeat != 1:
+            parts += ["--repeat", str(args.repeat)]
+    if args.mode == "scaling":
+        parts += ["--ranks", ",".join(map(str, args.ranks)), "--modes", args.modes, "--model", args.model,
+                  "--seq-length", str(args.seq_length), "--micro-batch", str(args.micro_batch),
+                  "--variant", args.variant, "--lora-r", str(args.lora_r), "--lora-targets", args.lora_targets]
+        if args.dtype:
+            parts += ["--dtype", args.dtype]
+        if not args.checkpointing:
+            parts.append("--no-checkpointing")
+        if args.bandwidth_gbps:
+            parts += ["--bandwidth-gbps", ",".join(f"{x:g}" for x in args.bandwidth_gbps)]
+        if args.latency_us:
+            parts += ["--latency-us", ",".join(f"{x:g}" for x in args.latency_us)]
+    for flag, value in (("--steps", args.steps), ("--warmup", args.warmup), ("--dataset-rows", args.dataset_rows)):
+        if value is not None:
+            parts += [flag, str(value)]
+    if args.launcher != "accelerate":
+        parts += ["--launcher", args.launcher]
+    for e in args.cell_env:
+        parts += ["--env", e]
+    if not args.pin:
+        parts.append("--no-pin")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _parse_axis_overrides(items: list[str]) -> dict:
+    import yaml
+
+    from benchmarks.matrix import AXES
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in AXES:
+            raise ConfigError(f"--set {item!r}: expected AXIS=VALUE with AXIS one of {', '.join(AXES)}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _options(args: argparse.Namespace, steps: int, warmup: int):
+    from benchmarks.runner import DEFAULT_RESULTS, RunOptions
+
+    env = {}
+    for item in args.cell_env:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise ConfigError(f"--env {item!r}: expected KEY=VALUE")
+        env[k] = v
+    return RunOptions(steps=steps, warmup=warmup, results_dir=Path(args.results_dir or DEFAULT_RESULTS),
+                      cell_timeout_s=args.cell_timeout, launcher=args.launcher, pin=args.pin,
+                      keep_work=args.keep_work, progress=args.progress, command=_command_line(args), env=env)
+
+
+def make_console():
+    """rich console; wide when output is not a terminal (logs, CI), so the tables stay readable."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 200))
+    return console
+
+
+def start_run(kind: str, name: str, description: str, args, console) -> dict:
+    """Machine facts and the measured peak: the header every record of a run carries."""
+    from benchmarks.machine import describe_machine, machine_facts, measure_peak_isolated
+    from benchmarks.report import peak_section
+
+    facts = machine_facts()
+    console.print(describe_machine(facts))
+    console.print(f"measuring the GEMM peak ({args.peak_seconds:.1f} s per dtype) ...")
+    env = dict(kv.partition("=")[::2] for kv in args.cell_env)
+    peak = measure_peak_isolated(args.peak_seconds, env=env, pin=args.pin)
+    from rich.markdown import Markdown
+
+    console.print(Markdown(peak_section(peak, facts)))
+    import os
+
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    facts["load_avg_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    return {"kind": kind, "run_id": f"{stamp}-{name}", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "matrix": name, "description": description, "command": _command_line(args), "machine": facts,
+            "peak": peak}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from benchmarks.data import ensure_dataset
+    from benchmarks.matrix import load_matrix
+    from benchmarks.report import write_report
+    from benchmarks.runner import results_stem, run_cells
+
+    console = make_console()
+    matrix = load_matrix(args.matrix, steps=args.steps, warmup=args.warmup,
+                         axis_overrides=_parse_axis_overrides(args.axis_overrides))
+    cells = [c for c in matrix.cells if not args.only or any(t in c.label() for t in args.only)]
+    if not cells:
+        raise ConfigError(f"no cell of {matrix.path} matches --only {args.only}")
+    opts = _options(args, matrix.steps, matrix.warmup)
+    console.print(f"[bold]sft bench[/bold]: matrix {matrix.name} ({matrix.path}), {len(cells)} cell(s) x "
+                  f"{args.repeat} repeat(s), {matrix.warmup} warm-up + {matrix.steps} measured steps each")
+    meta = start_run("matrix", matrix.name, matrix.description, args, console)
+    dataset = ensure_dataset(args.dataset_rows or matrix.dataset_rows)
+    stem = results_stem(meta["machine"])
+    jsonl = opts.results_dir / f"{stem}.jsonl"
+    if args.repeat < 1:
+        raise ConfigError("--repeat must be >= 1")
+    run_cells(cells, dataset, opts, meta, jsonl, console, repeats=args.repeat)
+    from benchmarks.report import load_records
+
+    records = load_records(jsonl, meta["run_id"])
+    paths = write_report(records, opts.results_dir, f"{stem}-{matrix.name}", console)
+    console.print(f"results: {jsonl}")
+    for k, v in paths.items():
+        console.print(f"{k}: {v}")
+    return 0 if all(r["status"] == "ok" for r in records) else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from benchmarks.report import load_records, write_report
+    from benchmarks.runner import DEFAULT_RESULTS
+
+    results = Path(args.results_dir or DEFAULT_RESULTS)
+    jsonl = Path(args.jsonl) if args.jsonl else max(results.glob("*.jsonl"), key=lambda p: p.stat().st_mtime, default=None)
+    if jsonl is None or not jsonl.exists():
+        raise ConfigError(f"no results file: pass --jsonl (looked in {results})")
+    records = load_records(jsonl, args.run_id)
+    stem = jsonl.stem + "-" + records[0]["matrix"]
+    paths = write_report(records, jsonl.parent, stem, make_console())
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    if args.mode == "scaling":
+        from benchmarks.scaling import cmd_scaling
+
+        return cmd_scaling(args)
+    if args.mode == "project":
+        from benchmarks.scaling import cmd_project
+
+        return cmd_project(args)
+    if args.mode == "report":
+        return cmd_report(args)
+    return cmd_run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.cli ...`` (same as ``sft bench ...``)."""
+    from sft.cli import main as sft_main
+
+    return sft_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

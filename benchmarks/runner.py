@@ -1,0 +1,408 @@
+"""Run benchmark cells, each in its own process (or one process per rank), and turn per-rank results into metrics.
+
+A cell in its own process gives each cell its own peak RSS, a clean allocator and thread pool, and isolation: a
+cell that crashes, runs out of memory or hangs past ``cell_timeout`` is recorded with the last lines of its stderr
+and the run goes on. Results are appended to ``<results>/<date>-<host>.jsonl`` as each cell finishes (one JSON
+object per cell, with the machine facts and the measured peak), baselines first so that every other cell's
+ratio to the baseline of the same run is in its line.
+
+Launch forms (CPU): one rank runs ``python -m launch.pin --cpus C -- -m benchmarks.cell SPEC`` (pinned to the
+cores it owns, OMP_NUM_THREADS = their number); N ranks run the verified form
+``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N -m launch.pin --cpus .. --cpus .. -- ...``
+(or torchrun with ``launcher="torchrun"``). GPU: ``python -m benchmarks.cell`` / ``accelerate launch --multi_gpu``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmarks.cell import SPAWN_ENV
+from benchmarks.matrix import CellSpec, baseline_for
+from benchmarks.machine import REPO_ROOT
+
+DEFAULT_RESULTS = REPO_ROOT / "benchmarks" / "results"
+SCHEMA = 1
+
+
+@dataclass
+class RunOptions:
+    steps: int = 5
+    warmup: int = 2
+    results_dir: Path = DEFAULT_RESULTS
+    cell_timeout_s: float = 1800.0
+    launcher: str = "accelerate"  # accelerate | torchrun (ranks > 1)
+    pin: bool = True  # CPU: pin each rank to its own physical cores
+    keep_work: bool = False
+    progress: bool = True
+    command: str = ""
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for the cells (e.g. OMP_WAIT_POLICY)
+
+
+# --------------------------------------------------------------------------------------------- launching
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def core_groups(ranks: int, threads: int | None) -> tuple[list[list[int]], int]:
+    """CPU lists (one logical CPU per physical core) for each rank, and threads per rank."""
+    from launch.topology import detect_topology
+
+    topo = detect_topology()
+    allowed = set(topo.allowed)
+    cpus = [min(c for c in cs if c in allowed) for core, cs in topo.cores().items() if allowed.intersection(cs)]
+    per = threads or max(1, len(cpus) // ranks)
+    if per * ranks > len(cpus):
+        return [], per  # oversubscribed: do not pin
+    return [cpus[i * per:(i + 1) * per] for i in range(ranks)], per
+
+
+def launch_command(cell: CellSpec, spec_path: Path, opts: RunOptions) -> tuple[list[str], dict[str, str]]:
+    from launch.topology import format_cpu_list
+
+    py = sys.executable
+    env = dict(os.environ)
+    for k, v in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("BNB_DISABLE_KERNELS_HUB", "1"),
+                 ("DEEPLAKE_TELEMETRY", "0"), ("HF_HUB_DISABLE_TELEMETRY", "1"), ("DO_NOT_TRACK", "1"),
+                 ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+        env.setdefault(k, v)
+    env.update(opts.env)
+    target = ["-m", "benchmarks.cell", str(spec_path)]
+    accelerate = str(Path(py).parent / "accelerate")
+    cfg_dir = REPO_ROOT / "configs" / "accelerate"
+    if _cuda():
+        if cell.ranks == 1:
+            return [py, *target], env
+        return [accelerate, "launch", "--config_file", str(cfg_dir / "gpu_multi.yaml"), "--multi_gpu",
+                "--num_processes", str(cell.ranks), "--num_machines", "1", "--main_process_port", str(free_port()),
+                *target], env
+    groups, threads = core_groups(cell.ranks, cell.threads)
+    env["OMP_NUM_THREADS"] = str(threads)
+    pin: list[str] = []
+    if opts.pin and groups:
+        pin = ["-m", "launch.pin", *sum((["--cpus", format_cpu_list(g)] for g in groups), []), "--"]
+    if cell.ranks == 1:
+        return ([py, *pin, *target] if pin else [py, *target]), env
+    env["ACCELERATE_USE_CPU"] = "true"  # --multi_gpu only picks the torchrun launcher; the ranks stay on CPU
+    inner = [*pin[:-1], "--env", "ACCELERATE_USE_CPU=true", "--", *target] if pin else target
+    port = str(free_port())
+    if opts.launcher == "torchrun":
+        return [py, "-m", "torch.distributed.run", "--nproc_per_node", str(cell.ranks), "--master_port", port,
+                *inner], env
+    return [accelerate, "launch", "--config_file", str(cfg_dir / "cpu_multi_socket.yaml"), "--multi_gpu",
+            "--num_processes", str(cell.ranks), "--num_machines", "1", "--main_process_port", port,
+            "--num_cpu_threads_per_process", str(threads), *inner], env
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Stop the cell's process group (the launcher and its ranks): TERM, then KILL after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    kept = [ln for ln in text.splitlines() if ln.strip()]
+    return "\n".join(kept[-lines:])
+
+
+def run_cell(cell: CellSpec, dataset: str, cell_dir: Path, opts: RunOptions,
+             on_tick: Callable[[float], None] | None = None) -> tuple[str, list[dict], str | None, float]:
+    """Run one cell; returns (status, per-rank results, error text, wall seconds)."""
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = cell_dir / "spec.json"
+    spec_path.write_text(json.dumps({"cell": cell.to_dict(), "dataset": dataset, "steps": opts.steps,
+                                     "warmup": opts.warmup}, indent=2))
+    cmd, env = launch_command(cell, spec_path, opts)
+    (cell_dir / "command.txt").write_text(" ".join(cmd) + "\n")
+    t0 = time.time()
+    env[SPAWN_ENV] = repr(t0)
+    with open(cell_dir / "stdout.log", "w") as out, open(cell_dir / "stderr.log", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
+        status = "ok"
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    if on_tick:
+                        on_tick(time.time() - t0)
+                    if time.time() - t0 > opts.cell_timeout_s:
+                        status = "timeout"
+                        _kill_group(proc)
+                        break
+        except BaseException:  # Ctrl-C: do not leave ranks behind
+            _kill_group(proc)
+            raise
+    wall = time.time() - t0
+    results = []
+    for p in sorted(cell_dir.glob("result.rank*.json")):
+        results.append(json.loads(p.read_text()))
+    results.sort(key=lambda r: r["rank"])
+    error = None
+    if status == "timeout":
+        error = f"timed out after {opts.cell_timeout_s:.0f} s\n" + tail(cell_dir / "stderr.log")
+    elif proc.returncode != 0 or len(results) != cell.ranks:
+        status = "failed"
+        why = f"exit status {proc.returncode}" if proc.returncode != 0 else f"{len(results)} of {cell.ranks} ranks reported"
+        error = f"{why}\n" + tail(cell_dir / "stderr.log")
+    return status, results, error, wall
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def aggregate(results: list[dict], warmup: int, steps: int, peak: dict | None) -> dict:
+    """Per-rank step records -> the cell's metrics over the measured steps (after ``warmup``)."""
+    from sft.metrics import percentile, utilization
+
+    n_ranks = len(results)
+    sl = slice(warmup, warmup + steps)
+    measured = min(len(r["step_times_s"][sl]) for r in results)
+    if measured < 1:
+        raise ValueError(f"no measured steps (ran {min(len(r['step_times_s']) for r in results)} of {warmup + steps})")
+    sl = slice(warmup, warmup + measured)
+    # Ranks step in lockstep (the gradient all-reduce); a step lasts as long as its slowest rank.
+    step_times = [max(r["step_times_s"][i] for r in results) for i in range(sl.start, sl.stop)]
+    wall = sum(step_times)
+
+    def per_s(key: str) -> float:
+        return sum(sum(r[key][sl]) for r in results) / wall
+
+    tokens_per_s = per_s("tokens")
+    r0 = results[0]
+    fl = r0.get("flops") or {}
+    peak_flops = (peak or {}).get("peak_flops")
+    if peak_flops and (peak or {}).get("per") == "gpu":
+        peak_flops *= n_ranks
+    busy = sum(sum(r["step_times_s"][sl]) for r in results)
+    waited = sum(sum(r["data_wait_s"][sl]) for r in results)
+    rss = [r["peak_rss_bytes"] for r in results]
+    losses = r0.get("losses") or []
+    m = {
+        "ranks": n_ranks,
+        "threads_per_rank": r0.get("threads"),
+        "measured_steps": measured,
+        "warmup_steps": warmup,
+        "tokens_per_step": sum(r["tokens"][sl.start] for r in results),
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_rank": tokens_per_s / n_ranks,
+        "non_padding_tokens_per_s": per_s("non_padding_tokens"),
+        "non_padding_tokens_per_s_per_rank": per_s("non_padding_tokens") / n_ranks,
+        "label_tokens_per_s": per_s("label_tokens"),
+        "samples_per_s": per_s("samples"),
+        "step_time_median_s": percentile(step_times, 0.5),
+        "step_time_p90_s": percentile(step_times, 0.9),
+        "step_times_s": step_times,
+        "model_flops_per_token": fl.get("model_per_token"),
+        "hardware_flops_per_token": fl.get("hardware_per_token"),
+        "model_tflops_per_s": tokens_per_s * (fl.get("model_per_token") or float("nan")) / 1e12,
+        "mfu": utilization(tokens_per_s, fl.get("model_per_token") or 0, peak_flops or 0),
+        "hfu": utilization(tokens_per_s, fl.get("hardware_per_token") or 0, peak_flops or 0),
+        "peak_rss_bytes": max(rss),
+        "peak_rss_bytes_per_rank": rss,
+        "rss_max_at_steps_bytes": max(r.get("rss_max_at_steps_bytes", 0) for r in results),
+        "data_wait_fraction": waited / busy if busy > 0 else float("nan"),
+        "time_to_first_step_s": max(r["time_to_first_step_s"] for r in results),
+        "first_step_s": max(r["first_step_s"] for r in results),
+        "startup_s": max(r["startup_s"] for r in results),
+        "trainable_params": (r0.get("params") or {}).get("trainable"),
+        "total_params": (r0.get("params") or {}).get("total"),
+        "grad_bytes": (r0.get("params") or {}).get("grad_bytes"),
+        "loss_first": losses[0] if losses else float("nan"),
+        "loss_last": losses[-1] if losses else float("nan"),
+        "backend": r0.get("backend"),
+    }
+    if "cuda_max_allocated_bytes" in r0:
+        m["cuda_max_allocated_bytes"] = max(r["cuda_max_allocated_bytes"] for r in results)
+        m["cuda_max_reserved_bytes"] = max(r["cuda_max_reserved_bytes"] for r in results)
+        m["peak_memory_bytes"] = m["cuda_max_allocated_bytes"]
+        m["peak_memory_kind"] = "cuda max allocated (per GPU)"
+    else:
+        m["peak_memory_bytes"] = m["peak_rss_bytes"]
+        m["peak_memory_kind"] = "peak RSS (largest rank)"
+    return m
+
+
+def ratios(metrics: dict, base_metrics: dict) -> dict:
+    return {
+        "tokens_per_s": metrics["tokens_per_s"] / base_metrics["tokens_per_s"],
+        "peak_memory": metrics["peak_memory_bytes"] / base_metrics["peak_memory_bytes"],
+        "step_time_median": metrics["step_time_median_s"] / base_metrics["step_time_median_s"],
+    }
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)
+
+
+def _clean(o: Any) -> Any:
+    """NaN / inf -> None, so that the JSONL is strict JSON."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(_clean(record), default=_json_default, sort_keys=False)
+    with open(path, "a") as f:  # one write per line: concurrent runs on the same host do not interleave lines
+        f.write(line + "\n")
+
+
+def results_stem(facts: dict, when: float | None = None) -> str:
+    day = time.strftime("%Y-%m-%d", time.localtime(when or time.time()))
+    host = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in facts.get("hostname", "host"))
+    return f"{day}-{host}"
+
+
+# --------------------------------------------------------------------------------------------- a run
+
+
+@dataclass
+class CellRecord:
+    cell: CellSpec
+    status: str
+    metrics: dict | None
+    error: str | None
+    wall_s: float
+    ratios: dict | None = None
+    baseline: str | None = None
+
+
+def run_cells(cells: list[CellSpec], dataset: str, opts: RunOptions, run_meta: dict, jsonl: Path,
+              console=None, repeats: int = 1) -> list[CellRecord]:
+    """Run ``cells`` in order, appending one JSONL line per cell; returns the records of this run.
+
+    ``repeats`` > 1 runs the whole list that many times, round-robin (baseline, framework, baseline, framework, ...),
+    so that on a shared machine every variant sees the same mix of quiet and busy periods; each repeat's ratios are
+    to that repeat's baseline, and the report shows medians over repeats."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console()
+    work_root = Path(tempfile.mkdtemp(prefix="sft-bench-"))
+    records: list[CellRecord] = []
+    # SIGTERM (a job scheduler, `kill`) becomes an exception, so that run_cell stops the running cell's process
+    # group (it lives in its own session and would otherwise outlive us) and the work folder is cleaned up.
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def _terminate(signum, frame):
+            raise SystemExit(128 + signum)
+
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    done_baselines: dict[str, CellRecord] = {}
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("cell {task.fields[cell_s]:>5.0f} s"), TimeElapsedColumn(),
+                        console=console, disable=not opts.progress, transient=False)
+    try:
+        with progress:
+            task = progress.add_task("bench", total=len(cells) * repeats, cell_s=0.0)
+            plan = [(rep, cell) for rep in range(repeats) for cell in cells]
+            for i, (rep, cell) in enumerate(plan):
+                if i % len(cells) == 0:
+                    done_baselines = {}  # ratios compare with the baseline of the same repeat
+                progress.update(task, description=escape(cell.label()), cell_s=0.0)
+                load_before = _loadavg()
+                status, results, error, wall = run_cell(
+                    cell, dataset, work_root / f"cell{i:02d}", opts,
+                    on_tick=lambda s: progress.update(task, cell_s=s))
+                metrics = None
+                if status == "ok":
+                    try:
+                        metrics = aggregate(results, opts.warmup, opts.steps, run_meta.get("peak"))
+                    except (ValueError, KeyError, IndexError, ZeroDivisionError) as e:
+                        status, error = "failed", f"could not aggregate results: {type(e).__name__}: {e}"
+                rec = CellRecord(cell, status, metrics, error, wall)
+                if cell.runner == "baseline" and metrics:
+                    done_baselines[cell.label()] = rec
+                base_cell = baseline_for(cell, [r.cell for r in done_baselines.values()])
+                if base_cell is not None and metrics:
+                    rec.baseline = base_cell.label()
+                    rec.ratios = ratios(metrics, done_baselines[base_cell.label()].metrics)
+                records.append(rec)
+                append_jsonl(jsonl, {
+                    "schema": SCHEMA, **run_meta, "index": i, "label": cell.label(), "config": cell.config_label(),
+                    "variant": cell.variant, "cell": cell.to_dict(), "status": status, "error": error,
+                    "wall_s": wall, "metrics": metrics, "baseline": rec.baseline, "ratios": rec.ratios,
+                    "steps": opts.steps, "warmup": opts.warmup, "dataset": dataset,
+                    "load_avg_before": load_before, "load_avg_after": _loadavg(), "cell_env": opts.env,
+                    "repeat": rep,
+                })
+                progress.advance(task)
+                progress.console.print(one_line(rec))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if not opts.keep_work:
+            import shutil
+
+            shutil.rmtree(work_root, ignore_errors=True)
+        else:
+            console.print(f"cell logs kept in {work_root}")
+    return records
+
+
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: other work on the machine shows up here (the CPU may be shared)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def one_line(rec: CellRecord) -> str:
+    from rich.markup import escape
+
+    label = escape(rec.cell.label())
+    if rec.status != "ok" or rec.metrics is None:
+        last = (rec.error or "").strip().splitlines()
+        return f"[red]x {label}: {rec.status}[/red] ({rec.wall_s:.0f} s): {escape(last[-1] if last else '')}"
+    m = rec.metrics
+    ratio = f" (x{rec.ratios['tokens_per_s']:.2f} of baseline)" if rec.ratios else ""
+    return (f"[green]ok[/green] {label}: {m['tokens_per_s']:,.0f} tok/s{ratio}, "
+            f"step {m['step_time_median_s']:.2f} s, MFU {100 * m['mfu']:.1f}%, "
+            f"peak {m['peak_memory_bytes'] / 2**30:.2f} GiB, {rec.wall_s:.0f} s")

@@ -1,0 +1,210 @@
+"""`sft bench`: the cost model, matrix loading, scaling analysis, and one tiny matrix through the real CLI.
+
+No benchmark number is asserted (the CPU is shared and noisy): only that every metric is there and sensible.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.allreduce import fit_ring
+from benchmarks.costmodel import CostModel, gbit_to_Bps, lora_param_count, projection_table, ring_allreduce_seconds
+from benchmarks.matrix import load_matrix, run_config_for
+from sft.errors import ConfigError
+
+SFT = [str(Path(sys.executable).parent / "sft")] if (Path(sys.executable).parent / "sft").exists() else [sys.executable, "-m", "sft.cli"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------- cost model
+
+
+def test_ring_allreduce_hand_computed():
+    # 2 ranks, 1 GB at 1 GB/s, 10 ms latency: 2*(1/2)*1 s + 2*1*0.01 s
+    assert ring_allreduce_seconds(1e9, 2, 1e9, 0.01) == pytest.approx(1.02)
+    # 4 ranks: 2*(3/4)*1 + 2*3*0.01
+    assert ring_allreduce_seconds(1e9, 4, 1e9, 0.01) == pytest.approx(1.56)
+    assert ring_allreduce_seconds(1e9, 1, 1e9, 0.01) == 0.0
+    # buckets only multiply the latency term
+    assert ring_allreduce_seconds(1e9, 2, 1e9, 0.01, buckets=3) == pytest.approx(1.06)
+
+
+def test_cost_model_efficiency():
+    m = CostModel(t_compute_s=1.0, grad_bytes=1e9, bandwidth_Bps=1e9, latency_s=0.01, batch=8, buckets=1)
+    assert m.weak_efficiency(1) == 1.0
+    assert m.strong_efficiency(1, 8) == 1.0
+    assert m.weak_efficiency(2) == pytest.approx(1 / 2.02)
+    assert m.weak_efficiency(4) == pytest.approx(1 / 2.56)
+    # strong, global batch 8: compute halves at N=2 -> 0.5 / (0.5 + 1.02)
+    assert m.strong_efficiency(2, 8) == pytest.approx(0.5 / 1.52)
+    nodes = [1, 2, 4, 8, 16, 32, 64]
+    weak = [m.weak_efficiency(n) for n in nodes]
+    strong = [m.strong_efficiency(n, 64) for n in nodes]
+    assert all(a > b for a, b in zip(weak, weak[1:]))
+    assert all(a > b for a, b in zip(strong, strong[1:]))
+    assert all(0 < e <= 1 for e in weak + strong)
+    rows = projection_table(m, nodes)
+    assert [r["nodes"] for r in rows] == nodes and rows[0]["weak_efficiency"] == 1.0
+    assert gbit_to_Bps(8) == 1e9
+
+
+def test_cost_model_lora_size_from_the_architecture():
+    # OPT-1.3B, r16 on q/v: 24 layers x 2 modules x 16 x (2048 + 2048)
+    assert lora_param_count("opt-1.3b", 16, ["q_proj", "v_proj"]) == 24 * 2 * 16 * 4096
+    # all-linear excludes the LM head
+    n = lora_param_count("tiny-llama", 8, ["all-linear"])
+    per_layer = 8 * ((128 + 128) + (128 + 64) * 2 + (128 + 128) + (128 + 256) * 2 + (256 + 128))
+    assert n == 2 * per_layer
+
+
+def test_allreduce_fit_recovers_bandwidth_and_latency():
+    bw, lat = 2e9, 30e-6
+    times = {s: ring_allreduce_seconds(s, 2, bw, lat) for s in (4, 4096, 65536, 1 << 20, 16 << 20)}
+    fit = fit_ring(times, 2)
+    assert fit["bandwidth_Bps"] == pytest.approx(bw, rel=1e-6)
+    assert fit["latency_s"] == pytest.approx(lat, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- matrices
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu", "smoke"])
+def test_shipped_matrices_load(name):
+    m = load_matrix(name)
+    assert m.cells and m.steps >= 1 and m.warmup >= 1
+    variants = {c.variant for c in m.cells}
+    assert {"baseline", "framework"} <= variants
+    # baselines come first within each workload, so ratios can be written as cells finish
+    seen = set()
+    for c in m.cells:
+        if c.runner == "baseline":
+            seen.add(c.workload_key())
+        else:
+            assert c.workload_key() in seen
+
+
+def test_matrix_errors_and_overrides(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cells:\n  - {modle: opt-125m}\n")
+    with pytest.raises(ConfigError, match="did you mean 'model'"):
+        load_matrix(str(bad))
+    bad.write_text("variants:\n  fast: {overrides: {training.lerning_rate: 1}}\ncells:\n  - {variant: fast}\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_matrix(str(bad))
+    good = tmp_path / "good.yaml"
+    good.write_text("defaults: {model: tiny-llama}\nvariants:\n  big-read: {overrides: {data.read_batch: 1024}}\n"
+                    "cells:\n  - {variant: [baseline, big-read], seq_length: [64, 128]}\n")
+    m = load_matrix(str(good), axis_overrides={"dtype": "fp32"})
+    assert len(m.cells) == 4 and all(c.dtype == "fp32" for c in m.cells)
+    cfg = run_config_for(next(c for c in m.cells if c.variant == "big-read"))
+    assert cfg.data.read_batch == 1024 and cfg.model.name == "arch:tiny-llama" and cfg.model.dtype == "fp32"
+    assert cfg.training.save_strategy == "no" and cfg.training.merge is False
+
+
+# --------------------------------------------------------------------------------------------- scaling analysis
+
+
+def test_scaling_analysis_and_plot(tmp_path):
+    from benchmarks.scaling import analyse, markdown, plot
+
+    common = {"config": "opt-125m 8x512", "variant": "framework", "label": "x", "grad_bytes": 2.4e6}
+    points = [
+        {"mode": "base", "ranks": 1, "threads": 2, "micro_batch": 8, "tokens_per_s": 1000.0, "step_time_median_s": 4.1, **common},
+        {"mode": "strong", "ranks": 2, "threads": 1, "micro_batch": 4, "tokens_per_s": 900.0, "step_time_median_s": 4.6, **common},
+        {"mode": "weak", "ranks": 2, "threads": 1, "micro_batch": 8, "tokens_per_s": 950.0, "step_time_median_s": 8.6, **common},
+    ]
+    fit = {"world": 2, "bandwidth_Bps": 1e9, "latency_s": 1e-4}
+    result = analyse(points, fit, [("100 Gbit/s", 100.0, 5.0)], [1, 2, 4, 8], None)
+    eff = {r["mode"]: r["efficiency"] for r in result["measured"]}
+    assert eff == {"base": 1.0, "strong": pytest.approx(0.9), "weak": pytest.approx(0.95)}
+    weak = next(r for r in result["measured"] if r["mode"] == "weak")
+    # compute per rank: 4.1 s * (2 cores / 1 thread) * (8 / 8); all-reduce: 2.4 MB / 1 GB/s + 2 * 0.1 ms
+    assert weak["model_compute_s"] == pytest.approx(8.2)
+    assert weak["model_allreduce_s"] == pytest.approx(2.4e-3 + 2e-4)
+    assert 0 < weak["model_efficiency"] < 1
+    proj = result["projection"]
+    assert len(proj) == 2 and proj[0]["rows"][0]["weak_efficiency"] == 1.0
+    meta = {"timestamp": "2026-01-01T00:00:00", "run_id": "r", "command": "sft bench scaling", "machine": {"hostname": "h"}}
+    text = markdown(result, meta)
+    assert "| weak | 2 x 1 | 8 |" in text
+    png = plot(result, tmp_path / "s.png", "t")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+# --------------------------------------------------------------------------------------------- the real CLI
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The smoke matrix plus one cell that cannot start, through `sft bench`."""
+    work = tmp_path_factory.mktemp("bench")
+    smoke = (Path(__file__).resolve().parent.parent / "benchmarks" / "matrices" / "smoke.yaml").read_text()
+    matrix = work / "smoke-with-failure.yaml"
+    matrix.write_text(smoke.replace("cells:\n  - {}", "cells:\n  - {model: /nonexistent/model-dir, variant: framework}\n  - {}"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([*SFT, "bench", "--matrix", str(matrix), "--results-dir", str(work / "results"),
+                           "--peak-seconds", "1", "--no-progress"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    return work / "results", proc
+
+
+def test_smoke_files_appear(smoke_run):
+    results, proc = smoke_run
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # 1: one cell failed, the rest ran
+    jsonl = list(results.glob("*.jsonl"))
+    assert len(jsonl) == 1
+    stem = jsonl[0].stem
+    md = results / f"{stem}-smoke.md"
+    assert md.exists()
+    for kind in ("throughput", "memory"):
+        assert (results / f"{stem}-smoke-{kind}.png").read_bytes()[:8] == PNG_MAGIC
+    text = md.read_text()
+    assert "| config | variant | tok/s |" in text
+    assert "baseline" in text and "framework" in text and "spec" in text and "Failed cells" in text
+
+
+def test_smoke_failed_cell_is_reported_and_the_rest_go_on(smoke_run):
+    results, proc = smoke_run
+    records = [json.loads(line) for line in next(results.glob("*.jsonl")).read_text().splitlines()]
+    assert [r["status"] for r in records] == ["failed", "ok", "ok"]
+    assert "nonexistent" in records[0]["error"]
+    assert "failed" in proc.stdout
+
+
+def _finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_smoke_metrics_present_and_sensible(smoke_run):
+    results, _ = smoke_run
+    records = [json.loads(line) for line in next(results.glob("*.jsonl")).read_text().splitlines()]
+    ok = [r for r in records if r["status"] == "ok"]
+    assert [r["variant"] for r in ok] == ["baseline", "framework"]
+    for r in ok:
+        m = r["metrics"]
+        for key in ("tokens_per_s", "tokens_per_s_per_rank", "non_padding_tokens_per_s", "label_tokens_per_s",
+                    "samples_per_s", "step_time_median_s", "step_time_p90_s", "model_flops_per_token",
+                    "hardware_flops_per_token", "mfu", "hfu", "peak_rss_bytes", "peak_memory_bytes",
+                    "time_to_first_step_s", "first_step_s", "trainable_params", "grad_bytes", "loss_first"):
+            assert _finite_positive(m[key]), (r["label"], key, m[key])
+        assert m["measured_steps"] == r["steps"] == 3 and m["warmup_steps"] == 1
+        assert m["step_time_p90_s"] >= m["step_time_median_s"]
+        assert 0 < m["mfu"] <= 1 and m["mfu"] <= m["hfu"]
+        assert 0 <= m["data_wait_fraction"] <= 1
+        assert m["non_padding_tokens_per_s"] <= m["tokens_per_s"] * (1 + 1e-9)
+        assert m["time_to_first_step_s"] >= m["first_step_s"]
+        assert m["tokens_per_step"] == 2 * 64  # micro-batch x seq length, one rank
+        assert m["peak_rss_bytes_per_rank"] and m["ranks"] == 1
+        # ratios to the baseline measured in the same run
+        assert r["ratios"] and _finite_positive(r["ratios"]["tokens_per_s"]) and _finite_positive(r["ratios"]["peak_memory"])
+        assert r["baseline"] == ok[0]["label"]
+        # machine facts and the measured peak travel with every line
+        assert r["machine"]["cpu"]["physical_cores"] >= 1 and r["machine"]["libraries"]["torch"]
+        assert "commit" in r["machine"]["git"]
+        assert _finite_positive(r["peak"]["peak_flops"]) and r["peak"]["peak_dtype"] in ("bf16", "fp32")
+    assert ok[0]["ratios"]["tokens_per_s"] == 1.0
