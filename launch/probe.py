@@ -41,7 +41,9 @@ def main() -> int:
         "stop_flag_agreed": stop,
         "min_int_agreed": min_index == 10,
     }
-    print("SFT_PROBE " + json.dumps(out, sort_keys=True), flush=True)
+    # one write() of the whole line: ranks share the launcher's pipe, and print() may split text and newline
+    sys.stdout.write("SFT_PROBE " + json.dumps(out, sort_keys=True) + "\n")
+    sys.stdout.flush()
     ok = out["all_reduce_sum"] == out["expected_sum"] and out["world_size"] == acc.num_processes and out["min_int_agreed"]
     if sd.is_initialized():
         dist.destroy_process_group()

@@ -698,7 +698,11 @@ def _free_port() -> int:
 
 
 def _probes(text: str) -> list[dict]:
-    return [json.loads(line.split("SFT_PROBE ", 1)[1]) for line in text.splitlines() if line.startswith("SFT_PROBE ")]
+    """Every `SFT_PROBE {json}` record in the output, even where two ranks' lines ran into each other."""
+    decoder, found = json.JSONDecoder(), []
+    for part in text.split("SFT_PROBE ")[1:]:
+        found.append(decoder.raw_decode(part)[0])
+    return found
 
 
 def _run_jobs(jobs: dict[str, list[list[str]]], timeout: float = 150) -> dict[str, tuple[list[int], str]]:
