@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -74,13 +72,3 @@ def load_for_generation(path: str, dtype: torch.dtype = torch.float32):
     source = resolve_source(cfg)
     model = load_base_model(cfg, QuantizationConfig(), source=source)
     return model.to(dtype), load_tokenizer(cfg, source), source.describe()
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-def prompts_for(tokenizer, questions: Iterable[str], template: str) -> list[str]:
-    from sft.data.formatting import prompt_text
-
-    return [prompt_text(tokenizer, q, template) for q in questions]
