@@ -29,9 +29,29 @@ def _quiet_environment() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # deeplake 4.7 reads no telemetry variable (this one is for other versions): its telemetry client has no
+    # endpoint unless one is configured, which tests/test_network.py checks.
     os.environ.setdefault("DEEPLAKE_TELEMETRY", "0")
     os.environ.setdefault("BNB_DISABLE_KERNELS_HUB", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _is_hub_id(name: str | None) -> bool:
+    """Whether a model / tokenizer name is fetched from the Hugging Face hub (the rules of sft.models.resolve_source:
+    not arch:/embedded:, not a .gguf file, not an existing or path-like local path)."""
+    if not name or name == "bytes" or name.startswith(("arch:", "embedded:")) or name.endswith(".gguf"):
+        return False
+    if os.path.exists(os.path.expanduser(name)):
+        return False
+    return not (name.startswith((".", "/", "~")) or name.count("/") > 1)
+
+
+def _offline_unless_hub(*names: str | None) -> None:
+    """No surprise network: the Hugging Face libraries run offline (HF_HUB_OFFLINE=1) unless one of ``names`` is a
+    hub id, i.e. unless the config asks for a remote model. Called before they are imported (they read the variable
+    at import). A user's own HF_HUB_OFFLINE wins."""
+    if not any(_is_hub_id(n) for n in names):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _fmt_pct(x: float | None) -> str:
@@ -75,6 +95,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(describe_fields())
         return 0
     cfg = load_config(args.config, args.overrides)
+    _offline_unless_hub(cfg.model.name, cfg.model.tokenizer)
+    if "wandb" not in cfg.training.report_to:
+        os.environ.setdefault("WANDB_MODE", "disabled")  # off unless the config asks for it
     from sft import distributed as dist
     from sft.training import train
 
@@ -99,19 +122,19 @@ def _parse_map(items: list[str] | None) -> dict[str, str]:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    _offline_unless_hub()  # ingest never needs the hub (a saved HF dataset is read from disk)
     from sft.data.ingest import ingest
 
     report = ingest(args.inputs, args.out, mapping=_parse_map(args.map), fmt=args.format, split=args.split,
                     overwrite=args.overwrite)
-    print(f"wrote {report.total_rows} rows to {report.out}")
-    for name, n in report.rows_per_file.items():
-        print(f"  {name}: {n} rows")
+    print(report.summary())  # rows per input, and notes: ignored fields, truncated conversations
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from sft.merging import merge_adapter
+    from sft.merging import merge_adapter, recorded_base
 
+    _offline_unless_hub(args.base or recorded_base(args.adapter))
     r = merge_adapter(args.adapter, args.out, overwrite=args.overwrite, base_override=args.base,
                       check=False if args.no_check else "auto", method=args.method)
     check = (f"logits check: max |diff| {r.max_abs_diff:.2e} (max |logit| {r.max_abs_logit:.1f})" if r.checked
@@ -121,6 +144,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    p = Path(args.model).expanduser()
+    if (p / "adapter_config.json").is_file():
+        from sft.merging import recorded_base
+
+        _offline_unless_hub(recorded_base(p))
+    else:
+        _offline_unless_hub(args.model)
+    if p.is_dir() and (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        from sft.models import check_safetensors
+
+        check_safetensors(p, "--model")  # a model dir is loaded directly: refuse pickled weights up front
     from sft.data.formatting import prompt_text
     from sft.generation import generate_texts, load_for_generation
 

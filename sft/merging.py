@@ -44,7 +44,9 @@ Safety
     logits on a few tokens are compared with the adapter model's (base as trained, fp32 arithmetic, for a 4-bit
     base the dequantized weights); only then is the directory renamed into place. Any failure (unreadable or
     corrupted adapter, an adapter that does not fit the base, non-finite weights, a logits mismatch) raises
-    :class:`MergeError` and leaves neither the output nor the temporary directory. The check never holds two
+    :class:`MergeError` and leaves neither the output nor the temporary directory. A merge that is killed
+    (SIGKILL, power loss) leaves only its temporary directory (``<out>.tmp-<host>-<pid>-*``), never a partial
+    output; the next merge into the same output removes it once that process is gone. The check never holds two
     models: the reference logits are computed and the adapter model freed before the merged model is loaded.
     It does need one full fp32 copy of the model (~6 bytes per parameter at the peak), so ``check="auto"`` (the
     default) skips it, with a warning, when that does not fit in 70% of the available memory; ``check=True``
@@ -167,6 +169,50 @@ def find_base_meta(adapter_dir: str | Path) -> tuple[dict[str, Any] | None, Path
     return None, None
 
 
+def recorded_base(adapter_dir: str | Path) -> str | None:
+    """The base model name recorded with an adapter (``sft_base.json`` & co., else ``base_model_name_or_path``), or
+    None when nothing is recorded or the directory is unreadable."""
+    meta, _ = find_base_meta(adapter_dir)
+    if meta is not None:
+        name = (meta.get("model") or {}).get("name")
+        return name if isinstance(name, str) and name else None
+    try:
+        name = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+class _Mismatch(MergeError):
+    """The adapter's tensors do not fit the base's (re-raised by merge_adapter with both names)."""
+
+
+def _mismatch_error(adapter_dir: Path, base: str, detail: str) -> MergeError:
+    trained = recorded_base(adapter_dir)
+    on = f" (trained on {trained})" if trained else ""
+    detail = detail.strip().rstrip(".")
+    if len(detail) > 300:  # PEFT lists every missing module
+        detail = detail[:300] + "..."
+    fix = (f"Merge onto the base it was trained on: drop --base, or pass --base {trained}" if trained and trained != base
+           else "Pass the base it was trained on (--base)")
+    return MergeError(f"the adapter in {adapter_dir}{on} does not fit the base {base}: {detail}. {fix}")
+
+
+def _check_adapter_files(adapter_dir: Path) -> None:
+    """The adapter directory exists and holds adapter_config.json and safetensors weights (never a pickle)."""
+    if not adapter_dir.exists():
+        raise MergeError(
+            f"--adapter {adapter_dir} does not exist; pass a run's adapter directory (OUTPUT_DIR/adapter) or one of "
+            f"its checkpoints (OUTPUT_DIR/checkpoints/checkpoint-N)"
+        )
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise MergeError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        extra = " (adapter_model.bin is never unpickled; re-save it as safetensors)" if (
+            adapter_dir / "adapter_model.bin").exists() else ""
+        raise MergeError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}{extra}")
+
+
 def _base_configs(adapter_dir: Path, base_override: str | None = None):
     from sft.config import ModelConfig, QuantizationConfig
 
@@ -217,12 +263,7 @@ def _read_adapter(adapter_dir: Path) -> _Adapter:
     from safetensors import safe_open
 
     cfg_path, weights = adapter_dir / "adapter_config.json", adapter_dir / ADAPTER_WEIGHTS
-    if not cfg_path.is_file():
-        raise MergeError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
-    if not weights.is_file():
-        extra = " (adapter_model.bin is never unpickled; re-save it as safetensors)" if (
-            adapter_dir / "adapter_model.bin").exists() else ""
-        raise MergeError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}{extra}")
+    _check_adapter_files(adapter_dir)
     try:
         config = json.loads(cfg_path.read_text())
     except ValueError as e:
@@ -446,9 +487,9 @@ def _merge_shards(base_dir: Path, files: list[str], headers, out_dir: Path, delt
                             if fan_in_fan_out:
                                 delta = delta.T
                             if delta.shape != w.shape:
-                                raise MergeError(
-                                    f"the adapter does not fit the base: {key} is {tuple(w.shape)} in the base but the "
-                                    f"adapter's B@A is {tuple(delta.shape)}. Pass the base it was trained on (--base)"
+                                raise _Mismatch(
+                                    f"{key} is {tuple(w.shape)} in the base but the adapter's B@A is "
+                                    f"{tuple(delta.shape)}"
                                 )
                             w = w.float().add_(delta, alpha=scale)
                             del delta
@@ -458,7 +499,7 @@ def _merge_shards(base_dir: Path, files: list[str], headers, out_dir: Path, delt
                         elif key in replacements:
                             r = replacements[key]
                             if r.shape != w.shape:
-                                raise MergeError(f"the adapter's {key} is {tuple(r.shape)}, the base's {tuple(w.shape)}")
+                                raise _Mismatch(f"the adapter's {key} is {tuple(r.shape)}, the base's {tuple(w.shape)}")
                             w = r
                             done.add(key)
                         w = w.to(save_dtype)
@@ -472,9 +513,10 @@ def _merge_shards(base_dir: Path, files: list[str], headers, out_dir: Path, delt
             raise
         writer.close()
         total += writer.nbytes
+        _fault_after_shard(out_names.index(dst_name) + 1)
     missing = (set(deltas) | set(replacements)) - done
     if missing:
-        raise MergeError(f"the base has no tensors for adapter weights {sorted(missing)[:3]}")
+        raise _Mismatch(f"the base has no tensors for adapter weights {sorted(missing)[:3]}")
     if n > 1:
         (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return n
@@ -528,8 +570,7 @@ def load_adapter_model(adapter_dir: str | Path, dtype: torch.dtype = torch.float
     from sft.models import load_base_model, resolve_source
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise MergeError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    _check_adapter_files(adapter_dir)  # PEFT would unpickle an adapter_model.bin: refuse it here
     model_cfg, quant_cfg, seed = _base_configs(adapter_dir, base_override)
     if quant_cfg.mode == "nf4" and keep_4bit:
         base = load_base_model(model_cfg, quant_cfg, seed=seed, source=resolve_source(model_cfg))
@@ -543,13 +584,32 @@ def load_adapter_model(adapter_dir: str | Path, dtype: torch.dtype = torch.float
 def _attach(base, adapter_dir: Path, model_cfg):
     from peft import PeftModel
 
+    import warnings
+
     try:
-        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+        with warnings.catch_warnings():
+            # checked below, with a message naming both models (PEFT only warns, and merges nothing)
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     except Exception as e:  # shape mismatches (RuntimeError), unknown target modules (ValueError), bad files
-        raise MergeError(
-            f"the adapter in {adapter_dir} does not fit the base {model_cfg.name}: "
-            f"{(str(e).splitlines() or [type(e).__name__])[0]}. Pass the base it was trained on (--base)"
-        ) from e
+        raise _mismatch_error(adapter_dir, model_cfg.name, (str(e).splitlines() or [type(e).__name__])[0]) from e
+    # Target modules given by short names (q_proj) also match in another architecture, where PEFT creates fresh
+    # LoRA layers under other paths, ignores the adapter's weights (a warning, not an error) and the "merge" would
+    # silently be the bare base. Every LoRA module of the file must land on a LoRA layer of the model, and back.
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as f:
+        in_file = {m["module"] for k in f.keys() if (m := _LORA_KEY.match(k))}
+    in_model = {name.removeprefix("base_model.model.") for name, mod in model.named_modules()
+                if isinstance(getattr(mod, "lora_A", None), torch.nn.ModuleDict) and len(mod.lora_A)}
+    unplaced, unfilled = sorted(in_file - in_model), sorted(in_model - in_file)
+    if unplaced or unfilled:
+        detail = (f"the base has no module {unplaced[0]}" + (f" (nor {len(unplaced) - 1} more)" if len(unplaced) > 1 else "")
+                  + " for the adapter's LoRA weights") if unplaced else (
+                  f"the adapter has no LoRA weights for the base's {unfilled[0]}"
+                  + (f" (nor {len(unfilled) - 1} more)" if len(unfilled) > 1 else ""))
+        raise _mismatch_error(adapter_dir, model_cfg.name, detail)
+    return model
 
 
 def _tokenizer(adapter_dir: Path, model_cfg):
@@ -620,6 +680,43 @@ def _want_check(check: bool | str, need_bytes: int | None) -> bool:
 # --------------------------------------------------------------------------------------------- merge
 
 
+def _temp_prefix(out_dir: Path) -> str:
+    """``<name>.tmp-<host>-<pid>-``: the temporary directory names its writer, so a later merge can tell a
+    leftover of a killed merge (same host, process gone) from a merge still running."""
+    import socket
+
+    return f"{out_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """Delete temporary directories of earlier merges into ``out_dir`` whose process is gone (killed mid-write)."""
+    import socket
+
+    prefix, host = f"{out_dir.name}.tmp-", socket.gethostname()
+    for p in out_dir.parent.glob(prefix + "*"):
+        parts = p.name[len(prefix):].rsplit("-", 2)  # host (may hold '-'), pid, mkdtemp's suffix
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or not p.is_dir():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        log.warning("merge: removing %s, left by an interrupted merge", p)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _fault_after_shard(n_written: int) -> None:
+    """Fault injection for the kill tests: SFT_FAULT_KILL_MERGE=N SIGKILLs the merge after its N-th output shard."""
+    spec = os.environ.get("SFT_FAULT_KILL_MERGE")
+    if spec and int(spec) == n_written:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
                   base_override: str | None = None, check: bool | str = "auto", method: str = "auto",
                   nf4_onto: str = "dequantized") -> MergeReport:
@@ -640,6 +737,11 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, overwrite: bool 
         raise MergeError(f"method must be auto, shards or model, not {method!r}")
     if out_dir.exists() and not overwrite:
         raise MergeError(f"{out_dir} already exists; pass --overwrite to replace it")
+    from sft.preflight import unwritable_reason
+
+    reason = unwritable_reason(out_dir.parent)  # before minutes of work, not after
+    if reason is not None:
+        raise MergeError(f"--out {out_dir}: cannot write the merged model there: {reason}. Choose a writable --out")
     adapter = _read_adapter(adapter_dir)
     model_cfg, quant_cfg, seed = _base_configs(adapter_dir, base_override)
     quantized = quant_cfg.mode == "nf4"
@@ -691,8 +793,10 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, overwrite: bool 
             model = None  # PEFT models hold reference cycles: collect now, before the merge allocates
             gc.collect()
 
+    created = [d for d in [out_dir.parent, *out_dir.parent.parents] if not d.exists()]  # removed again on failure
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp-"))
+    _remove_stale_temps(out_dir)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=_temp_prefix(out_dir)))
     try:
         if plan is not None:
             files, headers, deltas, replacements, qnames = plan
@@ -714,7 +818,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, overwrite: bool 
             from transformers import AutoModelForCausalLM
 
             try:
-                reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa")
+                reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa",
+                                                                use_safetensors=True)
             except Exception as e:
                 raise MergeError(f"the merged model does not load: {e}") from e
             got = _logits(reloaded, probe)
@@ -732,7 +837,24 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, overwrite: bool 
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException as e:
+        from sft.preflight import is_disk_full, write_failure_reason
+
+        full = isinstance(e, Exception) and is_disk_full(e)
+        why = write_failure_reason(out_dir.parent, tmp) if full else ""  # while tmp still shows it
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # deepest first; only folders this call made, and only while empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        if isinstance(e, _Mismatch):
+            raise _mismatch_error(adapter_dir, model_cfg.name, str(e)) from e
+        if full:
+            raise MergeError(
+                f"--out {out_dir}: writing the merged model failed: {(str(e).splitlines() or [type(e).__name__])[0]}; "
+                f"likely cause: {why}. Nothing was written to {out_dir}. Free space (or raise the limit) and run "
+                f"again, or choose another --out"
+            ) from e
         if isinstance(e, (SftError, KeyboardInterrupt, MemoryError)) or not isinstance(e, Exception):
             raise
         raise MergeError(f"merging {adapter_dir} failed: {type(e).__name__}: {e}") from e

@@ -16,6 +16,10 @@ Input rules (the CLI's help and the README repeat these):
   a list of objects or, if it starts with ``{``, one object per line (many ".json" files in the wild are JSONL).
 * Mapping ``{"question": "instruction", "answer": "output"}`` reads target column <- source field. Defaults:
   ``question``, ``answer``; ``source`` is the input's file name unless mapped; ``messages`` names the chat field.
+* Extra fields (columns nothing is mapped from) are ignored, and named per input in the summary
+  (:attr:`IngestReport.ignored_fields`): judged on the header / schema of tables, on the first record of JSON inputs.
+* Writes are verified: Deep Lake 4.7 does not report failed writes (a full disk, ``ulimit -f``), so the committed
+  dataset is read back and compared (per-column digests) before it is renamed into place.
 * Text policy: question, answer and a mapped source must be ``str`` and not blank. Anything else (numbers, bools,
   None/null, lists, dicts) is an error naming file, row and field -- never silently ``str()``-ed, because a
   number where text was expected almost always means a wrong ``--map``, and ``str(3.0)`` would train on "3.0".
@@ -33,8 +37,10 @@ Input rules (the CLI's help and the README repeat these):
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -86,6 +92,9 @@ class IngestReport:
     rows_per_file: dict[str, int] = field(default_factory=dict)
     #: chat conversations with more than one exchange, of which only the first exchange was kept
     truncated_conversations: int = 0
+    #: fields (columns) of each input that were not read, keyed like ``rows_per_file``: extra fields are ignored,
+    #: and named in the summary so that a forgotten one (e.g. Alpaca's ``input``) is noticed
+    ignored_fields: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> str:
         """Human-readable multi-line summary (what ``sft ingest`` prints)."""
@@ -95,6 +104,11 @@ class IngestReport:
             lines.append(
                 f"  {self.truncated_conversations} multi-turn conversation(s): only the first user/assistant "
                 f"exchange was kept"
+            )
+        for name, extra in self.ignored_fields.items():
+            lines.append(
+                f"  note: {name}: ignored field(s) {', '.join(extra)} (only question, answer and source are kept; "
+                f"read a field instead with --map TARGET=FIELD)"
             )
         return "\n".join(lines)
 
@@ -132,6 +146,11 @@ def _check_out(out: str, overwrite: bool) -> str:
                 f"{out} exists and is not a Deep Lake dataset; --overwrite only replaces Deep Lake datasets. "
                 f"Choose another --out, or remove {out} yourself if you mean to."
             )
+    from sft.preflight import unwritable_reason
+
+    reason = unwritable_reason(os.path.dirname(path))
+    if reason is not None:
+        raise IngestError(f"--out {out}: cannot create the dataset there: {reason}. Choose a writable --out")
     return path
 
 
@@ -186,6 +205,11 @@ def write_dataset(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     path = _check_out(out, overwrite)
     parent = os.path.dirname(path)
+    created = []  # parent folders this call creates: removed again if the write fails (no partial output)
+    d = parent
+    while not os.path.lexists(d) and os.path.dirname(d) != d:
+        created.append(d)
+        d = os.path.dirname(d)
     os.makedirs(parent, exist_ok=True)
     # A sibling (same filesystem) so the final os.rename is atomic; pid + random so concurrent writers never collide.
     tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -195,6 +219,15 @@ def write_dataset(
 
     ds = None
     n = 0
+    # What was appended, per column (order-preserving, independent of the batch size): compared with what reads
+    # back before the dataset is renamed into place, because Deep Lake 4.7 does not report failed writes.
+    digests = {c: hashlib.blake2b(digest_size=16) for c in COLUMNS}
+
+    def append(buf: dict[str, list[str]]) -> None:
+        ds.append(buf)  # columnar dict of lists: one call per batch (see WRITE_BATCH)
+        for c in COLUMNS:
+            digests[c].update(_digest_bytes(buf[c]))
+
     try:
         ds = deeplake.create(tmp)
         for c in COLUMNS:
@@ -213,24 +246,91 @@ def write_dataset(
                 for c in COLUMNS:
                     buf[c].append(row[c])
                 if len(buf["question"]) >= batch_size:
-                    ds.append(buf)  # columnar dict of lists: one call per batch (see WRITE_BATCH)
+                    append(buf)
                     bar.update(len(buf["question"]))
                     buf = {c: [] for c in COLUMNS}
             if buf["question"]:
-                ds.append(buf)
+                append(buf)
                 bar.update(len(buf["question"]))
         if n == 0:
             raise IngestError(f"no rows to write to {out}: the input is empty")
         ds.commit()
         ds = None  # drop the handle before the directory moves under it
+        problem = _verify(tmp, n, digests, batch_size)
+        if problem is not None:
+            raise _write_failed(out, path, tmp, f"the dataset does not read back as written ({problem})")
         _replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         ds = None
+        if isinstance(e, Exception) and not isinstance(e, IngestError) and _is_storage_error(e):
+            # a write (or the commit) failed outright: name the cause while the temp dir still shows it
+            err = _write_failed(out, path, tmp, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+            _remove_tree(tmp)
+            _remove_empty(created)
+            raise err from e
         _remove_tree(tmp)
+        _remove_empty(created)
         raise
     if os.path.exists(tmp):  # a late background write re-created the temp path after the rename
         _remove_tree(tmp)
     return n
+
+
+def _digest_bytes(values: list[str]) -> bytes:
+    # every value followed by a NUL: the digest of a column does not depend on how its rows were batched
+    return ("\0".join(values) + "\0").encode("utf-8", "surrogatepass")
+
+
+def _verify(tmp: str, n: int, digests: dict, batch_size: int) -> str | None:
+    """Read the committed dataset back; a description of the first difference, or None when it is what was written.
+
+    Deep Lake 4.7 ignores failed and short writes (a full disk, ``ulimit -f``): the dataset commits fine and reads
+    back zero bytes where the data should be. Reading back costs ~20% of the write time."""
+    import deeplake
+
+    try:
+        ds = deeplake.open_read_only(tmp)
+        if len(ds) != n:
+            return f"{len(ds)} rows instead of {n}"
+        step = max(batch_size, 8192)
+        for c in COLUMNS:
+            h = hashlib.blake2b(digest_size=16)
+            for lo in range(0, n, step):
+                values = ds[c][lo:lo + step]
+                if any(not isinstance(v, str) for v in values):
+                    return f"column {c!r} has rows that are not text"
+                h.update(_digest_bytes(values))
+            if h.digest() != digests[c].digest():
+                return f"column {c!r} differs"
+    except Exception as e:  # deeplake's errors share no base class beyond Exception
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    return None
+
+
+def _is_storage_error(e: BaseException) -> bool:
+    """An error of the file system or of Deep Lake's storage layer (not of the rows or of this code)."""
+    from sft.preflight import is_disk_full
+
+    return isinstance(e, OSError) or type(e).__module__.startswith("deeplake") or is_disk_full(e)
+
+
+def _write_failed(out: str, path: str, tmp: str, what: str) -> IngestError:
+    from sft.preflight import write_failure_reason
+
+    reason = write_failure_reason(os.path.dirname(path), tmp)
+    return IngestError(
+        f"--out {out}: writing the dataset failed: {what}; likely cause: {reason}. Nothing was written to {out}. "
+        f"Free space (or raise the limit) and run again, or choose another --out"
+    )
+
+
+def _remove_empty(folders: list[str]) -> None:
+    """Remove folders (deepest first) that are still empty."""
+    for d in folders:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
 
 
 def _remove_tree(path: str, settle_s: float = 0.01, tries: int = 50) -> None:
@@ -445,7 +545,32 @@ def _decode_error(path: str, e: UnicodeDecodeError) -> IngestError:
     return IngestError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save the file as UTF-8")
 
 
-def _read_jsonl(path: str, fields: _Fields, split: str | None) -> Iterator[tuple[str, int, Any]]:
+#: A JSON escape of a UTF-16 surrogate (paired ones encode emoji and are fine; unpaired ones are not text).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_surrogates(value: Any, where: str, name: str = "") -> None:
+    """Refuse strings holding unpaired surrogates (JSON can spell them, UTF-8 cannot encode them, Deep Lake fails on
+    them with an opaque error); the message names the field."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise IngestError(
+                f"{where}: field {name or '(record)'!r} holds an unpaired UTF-16 surrogate "
+                f"({value[e.start:e.end]!r} at character {e.start}), which is not valid text; fix that escape "
+                f"sequence in the file"
+            ) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_surrogates(v, where, f"{name}.{k}" if name else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_surrogates(v, where, f"{name}[{i}]")
+
+
+def _read_jsonl(path: str, fields: _Fields, split: str | None, seen: list[str] | None = None
+                ) -> Iterator[tuple[str, int, Any]]:
     try:
         with _open_text(path) as fh:
             for lineno, line in enumerate(fh, 1):
@@ -458,12 +583,15 @@ def _read_jsonl(path: str, fields: _Fields, split: str | None) -> Iterator[tuple
                         f"{path} line {lineno}: invalid JSON ({e.msg} at column {e.colno}); each line must be one "
                         f"JSON object"
                     ) from None
+                if "\\u" in line and _SURROGATE_ESCAPE.search(line):
+                    _check_surrogates(record, f"{path} line {lineno}")
                 yield "line", lineno, record
     except UnicodeDecodeError as e:
         raise _decode_error(path, e) from None
 
 
-def _read_json(path: str, fields: _Fields, split: str | None) -> Iterator[tuple[str, int, Any]]:
+def _read_json(path: str, fields: _Fields, split: str | None, seen: list[str] | None = None
+               ) -> Iterator[tuple[str, int, Any]]:
     try:
         with _open_text(path) as fh:
             head = fh.read(4096).lstrip()
@@ -484,11 +612,12 @@ def _read_json(path: str, fields: _Fields, split: str | None) -> Iterator[tuple[
     except UnicodeDecodeError as e:
         raise _decode_error(path, e) from None
     for i, record in enumerate(data, 1):
+        _check_surrogates(record, f"{path} record {i}")
         yield "record", i, record
 
 
 def _read_csv(
-    path: str, fields: _Fields, split: str | None, delimiter: str = ","
+    path: str, fields: _Fields, split: str | None, seen: list[str] | None = None, delimiter: str = ","
 ) -> Iterator[tuple[str, int, Any]]:
     # Answers are often longer than csv's default 128 KiB field limit; lift it (C long max on every platform).
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -502,6 +631,8 @@ def _read_csv(
                 return
             names = [h.strip() for h in header]
             _check_columns(path, "line 1 (header)", names, fields)
+            if seen is not None:
+                seen[:] = names
             while True:
                 before = reader.line_num
                 try:
@@ -523,12 +654,13 @@ def _read_csv(
         raise _decode_error(path, e) from None
 
 
-def _read_tsv(path: str, fields: _Fields, split: str | None) -> Iterator[tuple[str, int, Any]]:
-    return _read_csv(path, fields, split, delimiter="\t")
+def _read_tsv(path: str, fields: _Fields, split: str | None, seen: list[str] | None = None
+              ) -> Iterator[tuple[str, int, Any]]:
+    return _read_csv(path, fields, split, seen, delimiter="\t")
 
 
-def _check_columns(path: str, where: str, names: list[str], fields: _Fields) -> list[str]:
-    """Schema-level field check for columnar inputs; returns the columns to read."""
+def _needed(names: list[str], fields: _Fields) -> list[tuple[str, str]]:
+    """(field, target) pairs a record or table with these field names is read from."""
     if fields.question in names:
         needed = [(fields.question, "question"), (fields.answer, "answer")]
     elif fields.messages in names:
@@ -537,6 +669,18 @@ def _check_columns(path: str, where: str, names: list[str], fields: _Fields) -> 
         needed = [(fields.question, "question")]
     if fields.source is not None:
         needed.append((fields.source, "source"))
+    return needed
+
+
+def _extra_fields(names: list[str], fields: _Fields) -> list[str]:
+    """Field names that are not read (the extra-columns policy: ignored, and named in the ingest summary)."""
+    used = {name for name, _ in _needed(names, fields)}
+    return [str(x) for x in names if x not in used]
+
+
+def _check_columns(path: str, where: str, names: list[str], fields: _Fields) -> list[str]:
+    """Schema-level field check for columnar inputs; returns the columns to read."""
+    needed = _needed(names, fields)
     for name, target in needed:
         if name not in names:
             raise IngestError(
@@ -546,7 +690,8 @@ def _check_columns(path: str, where: str, names: list[str], fields: _Fields) -> 
     return list(dict.fromkeys(name for name, _ in needed))
 
 
-def _read_parquet(path: str, fields: _Fields, split: str | None) -> Iterator[tuple[str, int, Any]]:
+def _read_parquet(path: str, fields: _Fields, split: str | None, seen: list[str] | None = None
+                  ) -> Iterator[tuple[str, int, Any]]:
     import pyarrow.parquet as pq
 
     try:
@@ -554,6 +699,8 @@ def _read_parquet(path: str, fields: _Fields, split: str | None) -> Iterator[tup
     except Exception as e:
         raise IngestError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
     cols = _check_columns(path, "schema", pf.schema_arrow.names, fields)
+    if seen is not None:
+        seen[:] = pf.schema_arrow.names
     row = 0
     # iter_batches reads row-group slices of only the needed columns: memory stays at one batch.
     for batch in pf.iter_batches(batch_size=READ_BATCH, columns=cols):
@@ -563,7 +710,8 @@ def _read_parquet(path: str, fields: _Fields, split: str | None) -> Iterator[tup
             yield "row", row, {c: data[c][i] for c in cols}
 
 
-def _read_hf(path: str, fields: _Fields, split: str | None) -> Iterator[tuple[str, int, Any]]:
+def _read_hf(path: str, fields: _Fields, split: str | None, seen: list[str] | None = None
+             ) -> Iterator[tuple[str, int, Any]]:
     import datasets
 
     try:
@@ -583,6 +731,8 @@ def _read_hf(path: str, fields: _Fields, split: str | None) -> Iterator[tuple[st
     elif split is not None:
         raise IngestError(f"{path} is a single Hugging Face Dataset without splits; drop --split {split}")
     cols = _check_columns(label, "features", list(ds.column_names), fields)
+    if seen is not None:
+        seen[:] = list(ds.column_names)
     unit = "row" if label == path else f"[split {split or 'train'}] row"
     row = 0
     # Arrow-backed and memory-mapped: iter() materializes only one batch of Python objects at a time.
@@ -634,18 +784,33 @@ def ingest(
 
     convert = _Converter(fields)
     counts: dict[str, int] = {}
+    ignored: dict[str, list[str]] = {}
 
     def rows() -> Iterator[dict[str, str]]:
         for path, kind in plan:
             name = os.path.basename(os.path.normpath(path))
             n = 0
-            for unit, number, record in _READERS[kind](path, fields, split):
+            seen: list[str] = []  # a table's column names (columnar readers fill it in)
+            records = _READERS[kind](path, fields, split, seen)
+            while True:
+                try:
+                    unit, number, record = next(records)
+                except StopIteration:
+                    break
+                except OSError as e:  # reading an input (not writing the output) failed
+                    raise IngestError(
+                        f"{path}: cannot read it ({e.strerror or e}); check the file and its permissions"
+                    ) from e
                 yield convert(record, path, unit, number, name)
                 n += 1
+                if n == 1:  # extra fields: judged on the header / schema, or on the first record of JSON inputs
+                    extra = _extra_fields(seen or (list(record) if isinstance(record, Mapping) else []), fields)
+                    if extra:
+                        ignored[path] = extra
             if n == 0:
                 raise IngestError(f"{path}: no rows (the file holds no records); remove it from the inputs")
             counts[path] = counts.get(path, 0) + n
 
     total = write_dataset(out, rows(), overwrite=overwrite, progress=progress, validate=False)
     return IngestReport(out=out, total_rows=total, rows_per_file=counts,
-                        truncated_conversations=convert.truncated)
+                        truncated_conversations=convert.truncated, ignored_fields=ignored)

@@ -390,4 +390,31 @@ def count_blocks(
             stats.documents += 1
             stats.tokens += n
     stats.blocks, stats.dropped_tail_tokens = divmod(stats.tokens, seq_length)
+    if stats.documents == 0 and stats.skipped:
+        raise DataError(
+            f"data.overlong=skip: all {stats.skipped} samples have more tokens than data.seq_length={seq_length} "
+            f"allows (with their EOS), so nothing is left to train on; raise data.seq_length, or keep them with "
+            f"data.overlong=split or data.overlong=truncate"
+        )
+    note = overlong_note(stats, seq_length, overlong)
+    if note:
+        log.warning(note)  # the run's output names how many samples the policy touched
     return stats
+
+
+def overlong_note(stats: PackingStats, seq_length: int, overlong: str) -> str | None:
+    """One line saying how many samples the overlong policy affected (None when no sample was overlong)."""
+    if not stats.overlong:
+        return None
+    total = stats.documents + stats.skipped
+    what = (f"{stats.overlong} of {total} samples have more tokens than data.seq_length={seq_length} allows "
+            f"(with their EOS)")
+    if overlong == "skip":
+        return f"data.overlong=skip: {what} and were skipped ({stats.skipped} skipped); raise data.seq_length, " \
+               f"or keep them with data.overlong=split or truncate"
+    if overlong == "truncate":
+        return f"data.overlong=truncate: {what} and were truncated to {seq_length} tokens ({stats.truncated} " \
+               f"truncated; their ends are not trained on); raise data.seq_length, or keep them whole with " \
+               f"data.overlong=split"
+    return f"data.overlong=split: {what} and were split across blocks ({stats.overlong} split); raise " \
+           f"data.seq_length to keep each in one block"

@@ -42,6 +42,8 @@ REQUIRED_COLUMNS = ("question", "answer")
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "azure://", "al://", "hub://", "mem://")
 
 _INGEST_HINT = "Create one with `sft ingest FILE --out {path}`."
+#: Extensions `sft ingest` reads (named in the message for a folder of such files given as a dataset).
+_INGESTABLE = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".pq")
 
 
 def is_remote(path: str) -> bool:
@@ -76,6 +78,17 @@ def _check_local(path: str) -> str:
                 f"{path} is a Deep Lake 3.x dataset (has dataset_meta.json); deeplake 4 cannot read it. "
                 f"Convert it with `python -c \"import deeplake; deeplake.convert('{path}', 'NEW_PATH')\"` "
                 f"or re-create it from the source file with `sft ingest FILE --out NEW_PATH`."
+            )
+        inputs = sorted(f for f in os.listdir(local) if os.path.splitext(f)[1].lower() in _INGESTABLE)
+        if inputs:
+            # a folder of training files: name them in the command that converts them
+            import shlex
+
+            shown = " ".join(shlex.quote(os.path.join(path, f)) for f in inputs[:3]) + (" ..." if len(inputs) > 3 else "")
+            raise DataError(
+                f"{path} is not a Deep Lake dataset (no _deeplake_log/ inside) but holds {len(inputs)} data file(s) "
+                f"({', '.join(inputs[:3])}{', ...' if len(inputs) > 3 else ''}). Convert them with "
+                f"`sft ingest {shown} --out NEW_PATH` and train on NEW_PATH."
             )
         raise DataError(
             f"{path} is not a Deep Lake dataset (no _deeplake_log/ inside). {_INGEST_HINT.format(path='NEW_PATH')}"
