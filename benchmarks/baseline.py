@@ -125,13 +125,14 @@ def build_trainer(spec: Any, dataset: str, output_dir: str, max_steps: int, trai
     from sft.config import ModelConfig
     from sft.models import load_tokenizer
 
+    checkpointing = spec.gradient_checkpointing is not False  # the seed recipe has no "auto": it checkpoints
     # The tokenizer is sft's choice for the model (for random-init architectures there is no "original" one);
     # token ids do not change the speed.
     tokenizer = load_tokenizer(ModelConfig(name=spec.model_name))
     torch.manual_seed(seed)
     model = load_seed_model(spec.model_name, spec.quantization, spec.dtype, seed)
     if spec.quantization == "nf4":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     targets: Any = "all-linear" if list(spec.lora_targets) == ["all-linear"] else list(spec.lora_targets)
@@ -145,7 +146,7 @@ def build_trainer(spec: Any, dataset: str, output_dir: str, max_steps: int, trai
         gradient_accumulation_steps=spec.grad_accum,
         max_steps=max_steps,
         bf16=spec.dtype == "bf16-mixed" or spec.quantization == "nf4",
-        activation_checkpointing=spec.gradient_checkpointing,
+        activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="no",
         eval_strategy="no",

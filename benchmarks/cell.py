@@ -54,10 +54,14 @@ class Recorder:
     def on_train_begin(self, model) -> None:
         import torch
 
-        from sft.metrics import flops_per_token
+        from sft.metrics import checkpointing_fraction, flops_per_token
 
         self.train_begin, self.train_begin_wall = time.perf_counter(), time.time()
-        fpt = flops_per_token(model, self.spec["seq_length"], self.spec["gradient_checkpointing"])
+        ckpt = self.spec["gradient_checkpointing"]
+        if not isinstance(ckpt, bool):  # "auto": what sft decided for this machine (a share of the layers)
+            ckpt = checkpointing_fraction(model)
+        self.checkpointing = ckpt
+        fpt = flops_per_token(model, self.spec["seq_length"], ckpt)
         self.flops = {"model_per_token": fpt.model, "hardware_per_token": fpt.hardware}
         trainable = [p for p in model.parameters() if p.requires_grad]
         total = sum(p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1) for p in model.parameters())
@@ -134,6 +138,7 @@ class Recorder:
             **{f"{k}_bytes": v for k, v in cuda_memory().items()},
             "flops": self.flops,
             "params": self.params,
+            "checkpointing": getattr(self, "checkpointing", None),
         }
 
 

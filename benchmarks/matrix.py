@@ -12,7 +12,7 @@ A matrix file::
       quantization: none            # none | nf4
       seq_length: 512
       micro_batch: 8
-      gradient_checkpointing: true
+      gradient_checkpointing: true  # true | false | auto (framework cells: sft's model.gradient_checkpointing)
       dtype: bf16-mixed             # auto | bf16-mixed | bf16 | fp32 (sft's model.dtype; auto is resolved on load)
       lora_r: 16
       lora_targets: [q_proj, v_proj]
@@ -84,6 +84,15 @@ BUILTIN_VARIANTS: dict[str, Variant] = {
     "no-position-ids": Variant("framework", {"data.position_ids": False},
                                "framework without per-document position ids (documents attend across boundaries)"),
     "eager-attention": Variant("framework", {"model.attn_implementation": "eager"}, "framework, eager attention"),
+    # ablations of the #7 speed-ups: each turns one of them off
+    "plain-loss": Variant("framework", {"model.chunked_loss": False},
+                          "framework with the model's own loss (full fp32 logits; auto then checkpoints every layer)"),
+    "base-dropout": Variant("framework", {"model.dropout": None},
+                            "framework keeping the architecture's dropout (OPT: 0.1) in the frozen base"),
+    "all-ckpt": Variant("framework", {"model.gradient_checkpointing": True},
+                        "framework recomputing every layer's activations"),
+    "no-ckpt": Variant("framework", {"model.gradient_checkpointing": False},
+                       "framework keeping every layer's activations (more memory)"),
 }
 
 
@@ -93,7 +102,7 @@ class CellSpec:
     quantization: str
     seq_length: int
     micro_batch: int
-    gradient_checkpointing: bool
+    gradient_checkpointing: bool | str  # True, False or "auto" (framework only: sft decides per machine)
     dtype: str
     variant: str
     ranks: int
@@ -130,7 +139,7 @@ class CellSpec:
         if self.grad_accum > 1:
             parts.append(f"ga{self.grad_accum}")
         parts.append("nf4" if self.quantization == "nf4" else self.dtype)
-        parts.append("ckpt" if self.gradient_checkpointing else "no-ckpt")
+        parts.append({True: "ckpt", False: "no-ckpt"}.get(self.gradient_checkpointing, "ckpt-auto"))
         if self.ranks > 1 or self.threads:
             parts.append(f"{self.ranks}r" + (f"x{self.threads}t" if self.threads else ""))
         return " ".join(parts)
@@ -202,8 +211,8 @@ def _check_value(axis: str, v: Any, where: str) -> Any:
             raise bad("an integer >= 1")
     if axis == "threads" and v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
         raise bad("null or an integer >= 1")
-    if axis == "gradient_checkpointing" and not isinstance(v, bool):
-        raise bad("true or false")
+    if axis == "gradient_checkpointing" and not (isinstance(v, bool) or v == "auto"):
+        raise bad("true, false or auto")
     if axis in ("model", "variant") and (not isinstance(v, str) or not v):
         raise bad("a non-empty string")
     if axis == "lora_targets" and (not isinstance(v, list) or not v or not all(isinstance(t, str) for t in v)):
@@ -360,6 +369,7 @@ def baseline_for(cell: CellSpec, baselines: list[CellSpec]) -> CellSpec | None:
     if not same:
         return None
     for pred in (lambda b: b.dtype == cell.dtype and b.gradient_checkpointing == cell.gradient_checkpointing,
+                 lambda b: b.dtype == cell.dtype and b.gradient_checkpointing is True,
                  lambda b: b.dtype == "bf16-mixed" and b.gradient_checkpointing,
                  lambda b: True):
         for b in same:

@@ -46,7 +46,9 @@ def _matmul_params(model: torch.nn.Module) -> tuple[int, int, int]:
     return frozen, lora, emb_n
 
 
-def flops_per_token(model: torch.nn.Module, seq_length: int, checkpointing: bool) -> FlopsPerToken:
+def flops_per_token(model: torch.nn.Module, seq_length: int, checkpointing: bool | float) -> FlopsPerToken:
+    """Model FLOPs (forward + backward) and hardware FLOPs (plus the recomputed forward share: ``checkpointing`` is
+    True/False or the fraction of layers that recompute) per token."""
     cfg = model.config
     layers = getattr(cfg, "num_hidden_layers", 0)
     heads = getattr(cfg, "num_attention_heads", 0)
@@ -56,8 +58,22 @@ def flops_per_token(model: torch.nn.Module, seq_length: int, checkpointing: bool
     fwd = 2 * n_mm + 2 * n_lora + attn_fwd
     bwd = 2 * n_mm + 4 * n_lora + 2 * attn_fwd
     model_flops = fwd + bwd
-    hardware = model_flops + (fwd if checkpointing else 0)
+    hardware = model_flops + fwd * float(checkpointing)
     return FlopsPerToken(model=model_flops, hardware=hardware)
+
+
+def checkpointing_fraction(model: torch.nn.Module) -> float:
+    """The share of transformers' checkpointable layers that recompute their activations (0 off, 1 all; in
+    between with selective checkpointing)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    return sum(1 for m in layers if m.gradient_checkpointing) / len(layers) if layers else 0.0
+
+
+def checkpointing_enabled(model: torch.nn.Module) -> bool:
+    """Whether any layer recomputes its activations in the backward pass."""
+    return checkpointing_fraction(model) > 0
 
 
 def peak_rss_bytes() -> int:

@@ -124,7 +124,30 @@ def _hub_reachable() -> bool:
         return False
 
 
-def resolve_source(cfg: ModelConfig) -> ModelSource:
+#: Weight files that are pickles: never loaded (unpickling runs whatever code the file names).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_safetensors(path: str | Path, key: str = "model.name") -> None:
+    """Refuse a model directory whose weights are not safetensors (only safetensors are ever loaded)."""
+    p = Path(path)
+    if any(p.glob("*.safetensors")):
+        return
+    pickles = sorted(x.name for x in p.iterdir() if x.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(
+            f"{key}: {p} holds its weights only as {', '.join(pickles[:3])}: pickle files, which sft never loads "
+            f"(unpickling can run arbitrary code). Convert them once to safetensors where you trust the file, e.g. "
+            f"`python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{p}', use_safetensors=False).save_pretrained('{p}-safetensors')\"`, and use that "
+            f"directory"
+        )
+    raise ModelError(f"{key}: {p} has no model weights (*.safetensors); point {key} at a complete model directory")
+
+
+def resolve_source(cfg: ModelConfig, weights: bool = True) -> ModelSource:
+    """Where ``cfg.name`` comes from; checks what can be checked without loading (paths, the hub's reachability,
+    and with ``weights`` that a local directory holds safetensors weights)."""
     name = cfg.name
     if name.startswith("arch:"):
         arch = name[len("arch:"):]
@@ -142,10 +165,16 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     if p.is_dir():
         if cfg.gguf_file:
             if not (p / cfg.gguf_file).is_file():
-                raise ModelError(f"model.gguf_file: {p / cfg.gguf_file} not found")
+                have = sorted(x.name for x in p.glob("*.gguf"))
+                raise ModelError(
+                    f"model.gguf_file: GGUF file not found: {p / cfg.gguf_file}; "
+                    + (f"{p} has {', '.join(have)}" if have else f"{p} holds no .gguf file")
+                )
             return ModelSource("gguf", str(p), cfg.gguf_file)
         if not (p / "config.json").is_file():
             raise ModelError(f"model.name: {p} is a directory without config.json; it is not a Hugging Face model directory")
+        if weights:
+            check_safetensors(p)
         return ModelSource("local", str(p))
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1
     if looks_like_path or name.count("/") > 1:
@@ -223,7 +252,7 @@ def byte_tokenizer():
 def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None):
     from transformers import AutoTokenizer
 
-    source = source or resolve_source(cfg)
+    source = source or resolve_source(cfg, weights=False)
     if cfg.tokenizer:
         if cfg.tokenizer == "bytes":
             tok = byte_tokenizer()
@@ -419,22 +448,25 @@ def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42,
             if quant.mode == "nf4":
                 # bitsandbytes quantizes while loading weights: materialise the random model once on disk.
                 model_dir = materialize_arch(source.path, seed)
-                model = AutoModelForCausalLM.from_pretrained(model_dir, **common)
+                model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, **common)
             else:
                 model = build_random(source.path, seed)
                 model.config._attn_implementation = cfg.attn_implementation
         elif source.kind == "gguf":
             if quant.mode == "nf4":
-                model = AutoModelForCausalLM.from_pretrained(dense_copy_of_gguf(source.path, source.gguf_file), **common)
+                model = AutoModelForCausalLM.from_pretrained(dense_copy_of_gguf(source.path, source.gguf_file),
+                                                             use_safetensors=True, **common)
             else:
                 model = AutoModelForCausalLM.from_pretrained(
                     dense_copy_of_gguf(source.path, source.gguf_file), dtype=torch.float32,
-                    attn_implementation=cfg.attn_implementation,
+                    attn_implementation=cfg.attn_implementation, use_safetensors=True,
                 )
         else:
-            model = AutoModelForCausalLM.from_pretrained(source.path, revision=cfg.revision, **common)
+            # safetensors only, also for hub ids: a pickled checkpoint is never unpickled
+            model = AutoModelForCausalLM.from_pretrained(source.path, revision=cfg.revision, use_safetensors=True,
+                                                         **common)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load model {cfg.name}: {e}") from e
+        raise ModelError(f"cannot load model {cfg.name}: {e} (only safetensors weights are loaded)") from e
     if quant.mode != "nf4":
         apply_dtype_policy(model, cfg.dtype)
     return model
@@ -553,8 +585,9 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def load_model_and_tokenizer(model_cfg: ModelConfig, lora_cfg: LoraSection | None, quant: QuantizationConfig,
-                             seed: int = 42):
-    """Base (+ LoRA when lora_cfg is given) and its tokenizer, ready for training."""
+                             seed: int = 42, tokens_per_micro_batch: int | None = None):
+    """Base (+ LoRA when lora_cfg is given) and its tokenizer, ready for training: base dropout set, the chunked
+    loss installed, checkpointing decided (``auto`` needs ``tokens_per_micro_batch``; without it, on)."""
     source = resolve_source(model_cfg)
     tokenizer = load_tokenizer(model_cfg, source)
     model = load_base_model(model_cfg, quant, seed=seed, source=source)
@@ -563,10 +596,127 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, lora_cfg: LoraSection | Non
             f"the tokenizer has {len(tokenizer)} ids but the model's embedding has "
             f"{model.get_input_embeddings().num_embeddings}; pass a matching model.tokenizer"
         )
+    if model_cfg.dropout is not None:
+        set_base_dropout(model, model_cfg.dropout)
+    if model_cfg.chunked_loss:
+        from sft.loss import install_chunked_loss
+
+        if not install_chunked_loss(model):
+            log.info("model.chunked_loss: %s is not a supported model type; using its own loss",
+                     getattr(model.config, "model_type", "?"))
     if lora_cfg is not None:
         torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same adapter init
-        model = add_lora(model, lora_cfg, model_cfg.gradient_checkpointing, quantized=quant.mode == "nf4")
+        checkpointing, keep = model_cfg.gradient_checkpointing, 0
+        if checkpointing == "auto":
+            keep = 0 if tokens_per_micro_batch is None else choose_checkpointing(
+                model.config, tokens_per_micro_batch, model_cfg.dtype, quant.mode,
+                chunked_loss=getattr(model, "_sft_chunked_loss", False))
+            checkpointing = keep < getattr(model.config, "num_hidden_layers", 0)
+        model = add_lora(model, lora_cfg, checkpointing, quantized=quant.mode == "nf4")
+        if checkpointing and keep:
+            apply_checkpointing(model, keep)
+        model_cfg.gradient_checkpointing = checkpointing  # resolved: summary.json and HFU see what ran
     return model, tokenizer, source
+
+
+_DROPOUT_ATTRS = ("dropout", "attention_dropout", "attn_dropout", "activation_dropout", "hidden_dropout",
+                  "resid_dropout", "embd_dropout")
+
+
+def set_base_dropout(model: torch.nn.Module, p: float) -> int:
+    """Set every dropout of the base model to ``p``: ``nn.Dropout`` modules, and the float attributes that
+    transformers' layers pass to ``F.dropout`` (OPT's ``dropout`` / ``activation_dropout``, Llama's
+    ``attention_dropout``, ...). The config is updated too, so a saved config says what was trained. Call before
+    adding LoRA (its dropout is lora.dropout). Returns how many places were changed."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p, n = p, n + 1
+        for a in _DROPOUT_ATTRS:
+            if isinstance(getattr(m, a, None), float) and not isinstance(m, torch.nn.Dropout):
+                setattr(m, a, float(p))
+                n += 1
+    for a in _DROPOUT_ATTRS + ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop",
+                               "attn_pdrop"):
+        if isinstance(getattr(model.config, a, None), float):
+            setattr(model.config, a, float(p))
+    return n
+
+
+_GATED_MLP_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3", "gemma",
+                               "gemma2", "mixtral"})
+
+
+def layer_activation_bytes(config, tokens: int, dtype: str, quant_mode: str = "none") -> int:
+    """Estimated activation memory autograd keeps for ONE decoder layer over ``tokens`` tokens (no checkpointing).
+
+    Per token, calibrated from peak RSS with and without checkpointing (8 x 512 tokens, fp32, sdpa, LoRA on q/v):
+    SmolLM2-135M (Llama-style, gated MLP) keeps 7.9k floats per token and layer, i.e. ~8 hidden + ~2 intermediate
+    sized tensors; OPT-125m (ReLU MLP) 8.9k, ~6 hidden + ~1.5 intermediate. 4 bytes per element in fp32, ~2.5
+    under bf16 autocast (bf16 activations, fp32 norms)."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0)
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden
+    gated = getattr(config, "model_type", "") in _GATED_MLP_TYPES
+    floats = 8 * hidden + 2 * inter if gated else 6 * hidden + 1.5 * inter
+    per_elem = 4.0 if dtype == "fp32" and quant_mode == "none" else 2.5
+    return int(tokens * floats * per_elem)
+
+
+def activation_bytes(config, tokens: int, dtype: str, quant_mode: str = "none") -> int:
+    """Estimated activations of the whole decoder stack without checkpointing (see layer_activation_bytes)."""
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    return layers * layer_activation_bytes(config, tokens, dtype, quant_mode)
+
+
+def logits_bytes(config, tokens: int) -> int:
+    """What the plain loss path holds at its peak: fp32 logits, their log-softmax and its gradient."""
+    return 3 * tokens * getattr(config, "vocab_size", 0) * 4
+
+
+def available_memory_bytes() -> int:
+    """Free GPU memory on the current device, else MemAvailable from /proc/meminfo (0 when unknown)."""
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def choose_checkpointing(config, tokens_per_micro_batch: int, dtype: str, quant_mode: str = "none",
+                         chunked_loss: bool = True, available: int | None = None, fraction: float = 0.25) -> int:
+    """``gradient_checkpointing: auto``: how many decoder layers keep their activations (the rest recompute them).
+
+    The budget is the memory the chunked loss saves against the plain loss path (its full fp32 logits), capped at
+    ``fraction`` of the memory available: the default path then needs no more memory than the plain path with
+    full checkpointing, and spends what it saved on skipping recomputation (one forward pass of each layer kept,
+    ~1/4 of that layer's training compute). Without the chunked loss nothing is saved: every layer recomputes.
+    Unknown available memory: every layer recomputes."""
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    per_layer = max(1, layer_activation_bytes(config, tokens_per_micro_batch, dtype, quant_mode))
+    avail = available_memory_bytes() if available is None else available
+    budget = min(logits_bytes(config, tokens_per_micro_batch) if chunked_loss else 0, int(fraction * avail))
+    keep = max(0, min(layers, budget // per_layer))
+    log.info("gradient_checkpointing auto: %d of %d layers keep activations (~%.2f GiB each; budget %.2f GiB)",
+             keep, layers, per_layer / 2**30, budget / 2**30)
+    return int(keep)
+
+
+def apply_checkpointing(model, keep_layers: int | None) -> int:
+    """After ``activation_checkpointing_enable``: let the first ``keep_layers`` checkpointed layers keep their
+    activations (selective checkpointing; transformers checks each layer's ``gradient_checkpointing`` flag).
+    Returns the number of layers that still recompute."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for m in layers[:keep_layers or 0]:
+        m.gradient_checkpointing = False
+    return len(layers) - min(len(layers), keep_layers or 0)
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -25,7 +25,7 @@ import torch
 from sft import distributed as dist
 from sft.config import RunConfig
 from sft.errors import DataError, SftError
-from sft.metrics import StepTimer, flops_per_token, peak_rss_bytes
+from sft.metrics import StepTimer, checkpointing_fraction, flops_per_token, peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class RunSummary:
     sample_question: str | None = None
     sample_answer: str | None = None
     merge_max_abs_diff: float | None = None
+    resumed_from: str | None = None  # the checkpoint this run continued from
+    resumed_step: int = 0  # its global step (this run trained steps resumed_step+1 .. steps)
     loss_history: list[float] = field(default_factory=list)
     model_tflops_per_s: float = float("nan")
     paths: dict[str, str] = field(default_factory=dict)
@@ -146,11 +148,172 @@ def accuracy(cfg: RunConfig, model, tokenizer, rows: list[dict[str, str]], desc:
 # --------------------------------------------------------------------------------------------- trainer
 
 
+def _fault(var: str, step: int) -> None:
+    """Fault injection for the kill tests: ``var`` = "STEP" (rank 0) or "RANK:STEP" SIGKILLs that rank at that step."""
+    spec = os.environ.get(var)
+    if not spec:
+        return
+    kill_rank, kill_step = (int(x) for x in spec.split(":")) if ":" in spec else (0, int(spec))
+    if step == kill_step and dist.dist_info().rank == kill_rank:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _make_trainer_class():
     from transformers import Trainer
 
     class ShardAwareTrainer(Trainer):
-        """Our datasets are already this rank's shard: do not let accelerate re-shard or dispatch them."""
+        """Our datasets are already this rank's shard: do not let accelerate re-shard or dispatch them.
+
+        Checkpoints are crash-safe and pickle-free (see :mod:`sft.checkpoint`): written into
+        ``checkpoint-N.partial`` by every rank, marked ``COMPLETE`` and renamed into place by the main process; the
+        optimizer, scheduler, scaler and RNG states go to safetensors + JSON, each rank adds its data cursor, and
+        ``training_args.bin`` (a pickle) is never written. ``checkpoint_extras(dir)`` (main process) adds files of
+        ours (sft_base.json, sft_resume.json) before the checkpoint is marked complete. DeepSpeed and FSDP keep
+        their own optimizer formats (their engines write them)."""
+
+        def __init__(self, *args, checkpoint_extras=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.checkpoint_extras = checkpoint_extras
+
+        def _own_optimizer_format(self) -> bool:
+            from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
+
+            return not (self.is_deepspeed_enabled or self.is_fsdp_enabled or is_torch_xla_available()
+                        or is_sagemaker_mp_enabled())
+
+        # -- checkpoint writing --------------------------------------------------------------------------------
+        def _save_checkpoint(self, model, trial):
+            import shutil
+
+            from sft import checkpoint as ck
+
+            step = self.state.global_step
+            run_dir = Path(self._get_output_dir(trial=trial))
+            final = run_dir / f"checkpoint-{step}"
+            tmp = run_dir / f"checkpoint-{step}{ck.PARTIAL_SUFFIX}"
+            main = self.args.should_save
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            self.accelerator.wait_for_everyone()
+            if self.hp_search_backend is None and trial is None:
+                self.store_flos()
+            self.save_model(str(tmp), _internal_call=True)
+            if not self.args.save_only_model:
+                self._save_optimizer_and_scheduler(str(tmp))
+                _fault("SFT_FAULT_KILL_SAVE", step)  # the kill tests: die with half a checkpoint written
+                self._save_scaler(str(tmp))
+                self._save_rng_state(str(tmp))
+            ds = self.train_dataset
+            if hasattr(ds, "state_dict"):
+                # The DataLoader may have fetched ahead: the cursor is taken at the blocks actually trained on.
+                blocks = step * self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+                ck.write_json(tmp / ck.cursor_name(self.args.process_index),
+                              {"global_step": step, "cursor": ds.state_dict(blocks=blocks)})
+            if main:
+                if self.state.best_global_step:
+                    best = run_dir / f"checkpoint-{self.state.best_global_step}"
+                    if best == final or best.is_dir():
+                        self.state.best_model_checkpoint = str(best)
+                from transformers.trainer_callback import ExportableState
+
+                for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
+                    name = cb.__class__.__name__
+                    if isinstance(self.state.stateful_callbacks.get(name), list):
+                        self.state.stateful_callbacks[name].append(cb.state())
+                    else:
+                        self.state.stateful_callbacks[name] = cb.state()
+                self.state.save_to_json(str(tmp / ck.TRAINER_STATE))
+                if self.checkpoint_extras is not None:
+                    self.checkpoint_extras(tmp)
+            self.accelerator.wait_for_everyone()  # every rank's files are in tmp
+            if main:
+                ck.mark_complete(tmp, step)
+                ck.publish(tmp, final)
+                ck.rotate(run_dir, self.args.save_total_limit, final, protect=(self.state.best_model_checkpoint,))
+            self.accelerator.wait_for_everyone()
+
+        def _save(self, output_dir=None, state_dict=None):
+            """transformers' ``_save`` without ``torch.save(self.args, "training_args.bin")`` (a pickle)."""
+            from peft import PeftModel
+            from transformers import PreTrainedModel
+
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            if not self.args.should_save and not getattr(self, "is_distributed_loading_by_transformers", False):
+                return
+            if self.args.should_save:
+                os.makedirs(output_dir, exist_ok=True)
+            supported = (PreTrainedModel, PeftModel)
+            if isinstance(self.model, supported):
+                self.model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save)
+            else:
+                if state_dict is None:
+                    state_dict = self.model.state_dict()
+                unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+                if isinstance(unwrapped, supported):
+                    unwrapped.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save)
+                elif self.args.should_save:
+                    from safetensors.torch import save_file
+
+                    save_file(state_dict, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
+            if self.args.should_save and self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            if not self._own_optimizer_format():
+                return super()._save_optimizer_and_scheduler(output_dir)
+            from sft import checkpoint as ck
+
+            if self.args.should_save:  # DDP: every rank's optimizer state is the same
+                ck.save_optimizer(self.optimizer, output_dir)
+                ck.save_state(self.lr_scheduler.state_dict(), output_dir, ck.SCHEDULER)
+
+        def _save_scaler(self, output_dir):
+            from sft import checkpoint as ck
+
+            scaler = getattr(self.accelerator, "scaler", None)
+            if scaler is not None and self.args.should_save:
+                ck.save_state(scaler.state_dict(), output_dir, ck.SCALER)
+
+        def _save_rng_state(self, output_dir):
+            from sft import checkpoint as ck
+
+            ck.save_state(ck.capture_rng(), output_dir, ck.rng_name(self.args.process_index))
+
+        # -- checkpoint reading ------------------------------------------------------------------------------
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            if checkpoint is None:
+                return
+            if not self._own_optimizer_format():
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            from sft import checkpoint as ck
+
+            for name in (ck.OPTIMIZER, ck.SCHEDULER):
+                if not ck.has_state(checkpoint, name):
+                    raise SftError(f"training.resume: {checkpoint} has no {name}.json; it cannot be resumed from")
+            ck.load_optimizer(self.optimizer, checkpoint)
+            self.lr_scheduler.load_state_dict(ck.load_state(checkpoint, ck.SCHEDULER))
+
+        def _load_scaler(self, checkpoint):
+            from sft import checkpoint as ck
+
+            scaler = getattr(self.accelerator, "scaler", None)
+            if checkpoint is not None and scaler is not None and ck.has_state(checkpoint, ck.SCALER):
+                scaler.load_state_dict(ck.load_state(checkpoint, ck.SCALER))
+
+        def _load_rng_state(self, checkpoint):
+            if checkpoint is None:
+                return
+            from sft import checkpoint as ck
+
+            name = ck.rng_name(self.args.process_index)
+            if not ck.has_state(checkpoint, name):
+                log.warning("resume: %s has no %s.json; the RNG streams (dropout) will differ from an "
+                            "uninterrupted run", checkpoint, name)
+                return
+            ck.restore_rng(ck.load_state(checkpoint, name))
 
         def get_train_dataloader(self):
             if self.args.world_size <= 1:
@@ -179,14 +342,9 @@ def _make_callback(timer: StepTimer, losses: list[float]):
 
         def on_step_end(self, args, state, control, **kw):
             timer.step()
-            # Fault injection for the dead-rank tests: SFT_FAULT_KILL="RANK:STEP" SIGKILLs that rank at that step.
-            fault = os.environ.get("SFT_FAULT_KILL")
-            if fault:
-                kill_rank, kill_step = (int(x) for x in fault.split(":"))
-                if state.global_step == kill_step and dist.dist_info().rank == kill_rank:
-                    import signal
-
-                    os.kill(os.getpid(), signal.SIGKILL)
+            # Fault injection for the dead-rank and resume tests: SFT_FAULT_KILL="RANK:STEP" SIGKILLs that rank at
+            # the end of that step (before the step's checkpoint, if one is due, is written).
+            _fault("SFT_FAULT_KILL", state.global_step)
 
         def on_evaluate(self, args, state, control, **kw):
             timer.interrupted()
@@ -201,23 +359,54 @@ def _make_callback(timer: StepTimer, losses: list[float]):
     return ThroughputCallback()
 
 
-def _resolve_resume(cfg: RunConfig, ckpt_dir: Path) -> str | None:
-    r = cfg.training.resume
-    if not r:
-        return None
-    if r == "auto":
-        from transformers.trainer_utils import get_last_checkpoint
+@dataclass
+class _ResumePoint:
+    path: Path
+    step: int
+    cursor: dict | None  # this rank's PackedDataset state
 
-        return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    if not Path(r).is_dir():
-        raise DataError(f"training.resume: checkpoint {r} does not exist (use resume=auto for the newest one)")
-    return r
+
+def _resolve_resume(cfg: RunConfig, ckpt_dir: Path, rank: int, world: int, train_rows: int) -> _ResumePoint | None:
+    """The checkpoint to resume from (``training.resume``: auto = the newest complete one, or a path), checked
+    against this run's settings; None to start afresh. Every rank must pick the same one."""
+    from sft import checkpoint as ck
+
+    r = cfg.training.resume
+    path: Path | None = None
+    if r == "auto":
+        path = ck.latest_complete(ckpt_dir, warn=dist.is_main_process())
+        if path is None and dist.is_main_process():
+            print(f"resume=auto: no complete checkpoint in {ckpt_dir}; starting from step 0")
+    elif r:
+        path = Path(r)
+        ck.check_resumable(path, world)
+    step = ck.checkpoint_step(path) if path is not None else -1
+    if step is None:  # a complete checkpoint under another name: its trainer state knows the step
+        step = int(json.loads((path / ck.TRAINER_STATE).read_text())["global_step"])
+    lo, hi = dist.all_reduce_min_int(step), -dist.all_reduce_min_int(-step)
+    if lo != hi:
+        raise SftError(f"training.resume: the ranks found different checkpoints (steps {lo} and {hi}) in {ckpt_dir}; "
+                       "every rank must see the same output_dir (a shared filesystem)")
+    if path is None:
+        return None
+    ck.check_resumable(path, world)
+    ck.check_meta(path, ck.resume_meta(cfg, world, train_rows))
+    state_step = int(json.loads((path / ck.TRAINER_STATE).read_text())["global_step"])
+    cursor = None
+    if (path / ck.cursor_name(rank)).is_file():
+        saved = json.loads((path / ck.cursor_name(rank)).read_text())
+        cursor = saved["cursor"]
+        per_step = cfg.training.per_device_train_batch_size * cfg.training.gradient_accumulation_steps
+        if saved.get("global_step") != state_step or int(cursor.get("blocks", -1)) != state_step * per_step:
+            raise SftError(f"training.resume: {path / ck.cursor_name(rank)} does not match the checkpoint's step "
+                           f"{state_step}; the checkpoint is damaged, resume from another one")
+    return _ResumePoint(path=path, step=state_step, cursor=cursor)
 
 
 def train(cfg: RunConfig) -> RunSummary:
     from transformers import TrainingArguments
 
-    from sft.merging import base_meta_callback, merge_adapter
+    from sft.merging import merge_adapter, write_base_meta
     from sft.models import count_parameters, load_model_and_tokenizer, resolve_source
 
     t_start = time.perf_counter()
@@ -249,10 +438,19 @@ def train(cfg: RunConfig) -> RunSummary:
         eval_src = _source(cfg, cfg.data.eval_path, False, rank, world) if cfg.data.eval_path else None
     except SftError as e:
         problems.append(str(e))
+    problems += __import__("sft.preflight").preflight.check_output_dir(cfg)  # training.output_dir writable
     if problems:
         raise SftError("\n".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))
 
-    model, tokenizer, source = load_model_and_tokenizer(cfg.model, cfg.lora, cfg.quantization, seed=cfg.training.seed)
+    # Which checkpoint to resume from, checked against this run's settings before the model is loaded.
+    from sft import checkpoint as ck
+
+    resume_meta = ck.resume_meta(cfg, world, train_src.total_rows)
+    resume_point = _resolve_resume(cfg, out / "checkpoints", rank, world, train_src.total_rows)
+
+    model, tokenizer, source = load_model_and_tokenizer(
+        cfg.model, cfg.lora, cfg.quantization, seed=cfg.training.seed,
+        tokens_per_micro_batch=cfg.training.per_device_train_batch_size * cfg.data.seq_length)
     summary.trainable_params, summary.total_params = count_parameters(model)
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -317,28 +515,61 @@ def train(cfg: RunConfig) -> RunSummary:
         torch_compile=cfg.training.torch_compile,
         disable_tqdm=not cfg.training.progress or not dist.is_main_process(),
         remove_unused_columns=False,
+        prediction_loss_only=True,  # evaluation needs the loss only (the chunked loss returns no logits)
         dataloader_num_workers=0,
         ddp_timeout=cfg.training.dist_timeout_s,
         ddp_find_unused_parameters=False,
         save_only_model=False,
+        # the data cursor restores the stream position on resume; never replay (re-iterate) the seen batches
+        ignore_data_skip=True,
     )
     timer = StepTimer(tokens_per_step=per_step * cfg.data.seq_length * world)
     losses: list[float] = []
+    train_dataset = _packed(cfg, tokenizer, train_src, infinite=True)
+
+    def checkpoint_extras(directory: Path) -> None:
+        # every checkpoint-N carries sft_base.json, so `sft merge --adapter .../checkpoint-N` works, and what a
+        # resumed run must share with it
+        write_base_meta(directory, cfg.model, cfg.quantization, cfg.training.seed)
+        ck.write_json(directory / ck.RESUME_META, resume_meta)
+
     Trainer = _make_trainer_class()
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=_packed(cfg, tokenizer, train_src, infinite=True),
+        train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=_Collator(cfg.data.position_ids),
-        callbacks=[_make_callback(timer, losses),
-                   # every checkpoint-N carries sft_base.json, so `sft merge --adapter .../checkpoint-N` works
-                   base_meta_callback(cfg.model, cfg.quantization, cfg.training.seed)],
+        callbacks=[_make_callback(timer, losses)],
+        checkpoint_extras=checkpoint_extras,
     )
-    resume = _resolve_resume(cfg, ckpt_dir)
+    if dist.is_main_process():
+        for p in ck.remove_partials(ckpt_dir):
+            log.warning("removed %s: a checkpoint whose writing was interrupted", p)
+    dist.barrier()
+    resume = None
+    if resume_point is not None:
+        if resume_point.cursor is not None:
+            train_dataset.load_state_dict(resume_point.cursor)
+        else:
+            log.warning("resume: %s has no data cursor for rank %d; the data restarts from the beginning",
+                        resume_point.path, rank)
+        resume = str(resume_point.path)
+        summary.resumed_from, summary.resumed_step = resume, resume_point.step
+        if dist.is_main_process():
+            print(f"resuming from {resume} (step {resume_point.step} of {max_steps})")
     t_train = time.perf_counter()
     try:
-        result = trainer.train(resume_from_checkpoint=resume)
+        if resume_point is not None and resume_point.step >= max_steps:
+            # transformers would train one more step past max_steps: load the adapter and go on to the outputs
+            from transformers.trainer_utils import TrainOutput
+
+            if dist.is_main_process():
+                print(f"{resume} is at step {resume_point.step} >= max_steps {max_steps}: nothing left to train")
+            trainer._load_from_checkpoint(resume)
+            result = TrainOutput(resume_point.step, float("nan"), {})
+        else:
+            result = trainer.train(resume_from_checkpoint=resume)
     except Exception as e:
         if world > 1:
             dist.explain_failure(e)  # names the dead peer and exits, if that is what happened
@@ -354,7 +585,7 @@ def train(cfg: RunConfig) -> RunSummary:
         summary.loss_history = losses
     if eval_dataset is not None:
         summary.eval_loss = trainer.evaluate().get("eval_loss")
-    fpt = flops_per_token(trainer.model, cfg.data.seq_length, cfg.model.gradient_checkpointing)
+    fpt = flops_per_token(trainer.model, cfg.data.seq_length, checkpointing_fraction(trainer.model))
     summary.model_tflops_per_s = fpt.model * summary.tokens_per_s / 1e12
 
     adapter_dir = out / "adapter"

@@ -1,0 +1,150 @@
+"""Causal-LM loss without the full logits: lm_head + cross-entropy in chunks of tokens, on labelled rows only.
+
+The model's own loss computes ``logits = lm_head(hidden)`` for every position (batch x seq x vocab, cast to fp32:
+8 x 512 x 50272 x 4 bytes = 0.8 GB for OPT-125m, plus log-softmax and its gradient, ~3 GB at the peak) and then
+discards the rows whose label is -100. Here:
+
+* only rows with a label are projected (answer-only training skips the prompt tokens' share of the lm_head GEMMs);
+* rows are processed ``chunk`` at a time, so at most ``chunk x vocab`` fp32 logits exist at once;
+* the gradient with respect to the hidden states (and the lm_head weight, if it trains) is computed in the same
+  pass, ``(softmax - onehot) @ W``, so the backward pass neither stores nor recomputes logits.
+
+The FLOPs are those of the plain path (one forward GEMM and one or two gradient GEMMs per chunk); what changes is
+memory, and with it what else fits (e.g. no activation checkpointing). Liger-Kernel has the same idea for CUDA
+(Triton); it does not run on CPU, hence this ~100-line version in plain torch, which runs on both.
+
+Semantics follow transformers' ``ForCausalLMLoss``: labels are shifted inside (position t predicts label t+1),
+-100 is ignored, and with ``num_items_in_batch`` the summed loss is divided by it (gradient accumulation across
+micro-batches and ranks), otherwise by the number of labelled tokens.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+# Model types whose causal-LM head is exactly ``lm_head(last_hidden_state)`` (no logit scaling or soft-capping),
+# and whose ``base_model_prefix`` module returns that hidden state. Others keep their own loss.
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "opt", "phi3", "olmo", "olmo2", "smollm3"})
+
+
+def default_chunk(vocab: int, budget_bytes: int = 128 * 2**20) -> int:
+    """Rows per chunk so that one chunk of fp32 logits (and its softmax, computed in place) stays ~``budget``."""
+    return max(64, budget_bytes // (4 * max(1, vocab)))
+
+
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits of one chunk and their per-row log-sum-exp."""
+    logits = h.to(compute_dtype) @ weight.to(compute_dtype).t()
+    if bias is not None:
+        logits = logits + bias.to(compute_dtype)
+    logits = logits.float()
+    return logits, torch.logsumexp(logits, dim=-1)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, scale, chunk, compute_dtype, need_w):
+        n = hidden.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_w and bias is not None else None
+        w = weight.to(compute_dtype)
+        for s in range(0, n, chunk):
+            h, y = hidden[s:s + chunk], targets[s:s + chunk]
+            logits, lse = _chunk_loss(h, w, bias, y, compute_dtype)
+            rows = torch.arange(y.shape[0], device=y.device)
+            total += (lse - logits[rows, y]).sum()
+            # d(sum of CE)/d logits = softmax - onehot, computed in place over the logits buffer
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[rows, y] -= 1.0
+            probs.mul_(scale)
+            g = probs.to(compute_dtype)
+            grad_h[s:s + chunk] = (g @ w).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(probs.t(), h.float())
+                if grad_b is not None:
+                    grad_b += probs.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.weight_dtype, ctx.bias_dtype = weight.dtype, None if bias is None else bias.dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype)
+        gw = None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype)
+        gb = None if grad_b is None else (grad_b * grad_out).to(ctx.bias_dtype)
+        return gh, gw, gb, None, None, None, None, None
+
+
+def chunked_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor,
+                           num_items_in_batch: Any = None, chunk: int | None = None) -> torch.Tensor:
+    """The causal-LM loss of ``head(hidden)`` against ``labels`` (batch x seq), never building all logits.
+
+    Equal to ``ForCausalLMLoss(head(hidden), labels, vocab, num_items_in_batch)`` up to fp32 summation order."""
+    weight, bias = head.weight, head.bias
+    shift = labels[:, 1:].reshape(-1)
+    keep = shift != IGNORE_INDEX
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
+    y = shift[keep].to(hidden.device)
+    if num_items_in_batch is None:
+        denom = float(y.numel())
+    else:
+        denom = float(num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+    scale = 1.0 / max(denom, 1.0)
+    if y.numel() == 0:
+        return hidden.sum() * 0.0  # keeps the graph connected (DDP) when a micro-batch has no labelled token
+    compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+        else weight.dtype
+    chunk = chunk or default_chunk(weight.shape[0])
+    need_w = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if not torch.is_grad_enabled() or not (h.requires_grad or need_w):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], chunk):
+                logits, lse = _chunk_loss(h[s:s + chunk], weight, bias, y[s:s + chunk], compute_dtype)
+                total += (lse - logits.gather(1, y[s:s + chunk, None]).squeeze(1)).sum()
+        return total * scale
+    with torch.autocast(h.device.type, enabled=False):
+        return _ChunkedLinearCrossEntropy.apply(h, weight, bias, y, scale, chunk, compute_dtype, need_w)
+
+
+def install_chunked_loss(model, chunk: int | None = None) -> bool:
+    """Route ``model(…, labels=…)`` through :func:`chunked_causal_lm_loss`. Returns False (and changes nothing)
+    for model types not known to have a plain ``lm_head(hidden)`` head.
+
+    The instance's ``forward`` is replaced: with labels, the base module computes the hidden states and the loss
+    comes from the chunked path (``logits`` is None in the output); without labels (generation, inference) the
+    model's own forward runs unchanged. Call before wrapping the model with PEFT."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    if getattr(model.config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return False
+    head = model.get_output_embeddings()
+    body = getattr(model, model.base_model_prefix, None)
+    if not isinstance(head, torch.nn.Linear) or body is None:
+        return False
+    original = model.forward
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
+                num_items_in_batch=None, **kwargs):
+        if labels is None or kwargs.get("shift_labels") is not None or kwargs.get("output_hidden_states"):
+            return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            labels=labels, inputs_embeds=inputs_embeds, num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs.pop("logits_to_keep", None)
+        kwargs.pop("return_dict", None)
+        kwargs["use_cache"] = False
+        out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   inputs_embeds=inputs_embeds, **kwargs)
+        loss = chunked_causal_lm_loss(out.last_hidden_state, head, labels, num_items_in_batch, chunk)
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    model.forward = types.MethodType(forward, model)
+    model._sft_chunked_loss = True
+    return True

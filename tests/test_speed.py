@@ -1,0 +1,188 @@
+"""The speed-ups of issue #7 keep the learning behaviour: chunked loss = the model's own loss (values and
+gradients), base dropout really off, checkpointing decided from memory, packed documents isolated, and a short
+training run takes the same losses with and without the fast path."""
+
+import copy
+
+import pytest
+import torch
+
+from sft.config import LoraSection, ModelConfig, QuantizationConfig
+from sft.data.packing import pack_examples
+from sft.loss import chunked_causal_lm_loss, install_chunked_loss
+from sft.metrics import checkpointing_fraction
+from sft.models import (activation_bytes, add_lora, apply_checkpointing, arch_config, build_random, choose_checkpointing, layer_activation_bytes,
+                        load_model_and_tokenizer, logits_bytes, set_base_dropout)
+
+
+def _pair(arch: str):
+    model = build_random(arch, 0)
+    model.eval()  # no dropout: the two copies must see identical forwards
+    fast = copy.deepcopy(model)
+    assert install_chunked_loss(fast, chunk=7)  # a chunk that does not divide the row count
+    return model, fast
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-opt"])
+@pytest.mark.parametrize("num_items", [None, 57])
+def test_chunked_loss_equals_the_models_loss_and_gradients(arch, num_items):
+    model, fast = _pair(arch)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 250, (3, 41), generator=g)
+    labels = ids.clone()
+    labels[0, :15] = -100  # a masked prompt
+    labels[2, 30:] = -100
+    nib = None if num_items is None else torch.tensor(num_items)
+    ref = model(input_ids=ids, labels=labels, num_items_in_batch=nib, use_cache=False).loss
+    got = fast(input_ids=ids, labels=labels, num_items_in_batch=nib)
+    assert got.logits is None  # never materialised
+    assert torch.allclose(got.loss, ref, rtol=1e-6, atol=1e-6), (got.loss.item(), ref.item())
+    ref.backward()
+    got.loss.backward()
+    gr, gf = _grads(model), _grads(fast)
+    assert gr.keys() == gf.keys() and len(gr) > 10  # every parameter, lm_head / embedding included
+    for name in gr:
+        assert torch.allclose(gf[name], gr[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_chunked_loss_without_grad_and_under_autocast():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=True)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 300, (2, 9))
+    logits = head(hidden)
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 300).float(), labels[:, 1:].reshape(-1))
+    with torch.no_grad():
+        assert torch.allclose(chunked_causal_lm_loss(hidden, head, labels, chunk=5), ref, atol=1e-6)
+    # the bias and weight train here (e.g. lm_head in modules_to_save): their gradients come out too
+    loss = chunked_causal_lm_loss(hidden, head, labels, chunk=4)
+    loss.backward()
+    gw, gb, gh = head.weight.grad.clone(), head.bias.grad.clone(), hidden.grad.clone()
+    head.zero_grad(), hidden.grad.zero_()
+    ref.backward()
+    assert torch.allclose(gw, head.weight.grad, atol=1e-6) and torch.allclose(gb, head.bias.grad, atol=1e-6)
+    assert torch.allclose(gh, hidden.grad, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf = chunked_causal_lm_loss(hidden, head, labels, chunk=4)
+    assert abs(bf.item() - ref.item()) < 0.05 * ref.item()  # bf16 logits, fp32 softmax: close, not equal
+    # a micro-batch without a single label: zero loss, graph still connected
+    none = chunked_causal_lm_loss(hidden, head, torch.full_like(labels, -100))
+    none.backward()
+    assert none.item() == 0.0
+
+
+def test_base_dropout_zero_makes_training_forwards_deterministic():
+    ids = torch.randint(3, 250, (2, 32))
+    model = build_random("tiny-opt", 0)  # OPT's config: dropout 0.1
+    model.train()
+    a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert not torch.equal(a, b)  # dropout is on
+    assert set_base_dropout(model, 0.0) > 0
+    a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.equal(a, b)
+    assert model.config.dropout == 0.0
+
+
+def test_checkpointing_auto_spends_what_the_chunked_loss_saves():
+    cfg = arch_config("opt-125m")
+    tokens = 8 * 512
+    need = activation_bytes(cfg, tokens, "fp32")
+    assert 1.5 * 2**30 < need < 2.5 * 2**30  # OPT-125m, 4096 tokens, fp32: measured 1.6 GiB
+    assert activation_bytes(cfg, tokens, "bf16-mixed") < need
+    assert logits_bytes(cfg, tokens) == 3 * tokens * 50272 * 4
+    layers = cfg.num_hidden_layers
+    # plenty of memory: the 2.5 GB the plain loss would hold keep all 12 layers' activations
+    assert choose_checkpointing(cfg, tokens, "fp32", available=64 * 2**30) == layers
+    # a quarter of 4 GiB: some layers only
+    per_layer = layer_activation_bytes(cfg, tokens, "fp32")
+    assert choose_checkpointing(cfg, tokens, "fp32", available=4 * 2**30) == 2**30 // per_layer < layers
+    assert choose_checkpointing(cfg, tokens, "fp32", available=0) == 0  # unknown memory: recompute everything
+    assert choose_checkpointing(cfg, tokens, "fp32", chunked_loss=False, available=64 * 2**30) == 0
+
+
+def test_auto_resolves_in_the_config():
+    lora = LoraSection(r=4, target_modules=["q_proj", "v_proj"])
+    mc = ModelConfig(name="arch:tiny-llama", dtype="fp32", gradient_checkpointing="auto")
+    model, _, _ = load_model_and_tokenizer(mc, lora, QuantizationConfig(), tokens_per_micro_batch=256)
+    # a 49k vocabulary over 256 tokens frees far more than two tiny layers keep
+    assert checkpointing_fraction(model) == 0.0 and mc.gradient_checkpointing is False
+    mc = ModelConfig(name="arch:tiny-llama", dtype="fp32", gradient_checkpointing="auto")
+    model, _, _ = load_model_and_tokenizer(mc, lora, QuantizationConfig())  # batch unknown: recompute
+    assert checkpointing_fraction(model) == 1.0 and mc.gradient_checkpointing is True
+
+
+@pytest.mark.parametrize("keep", [0, 1, 2])
+def test_selective_checkpointing_gives_the_same_gradients(keep):
+    lora = LoraSection(r=4, target_modules=["q_proj", "v_proj"], dropout=0.0)
+    ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = add_lora(build_random("tiny-llama", 0), lora, gradient_checkpointing=ckpt)
+        model.train()
+        if ckpt:
+            assert apply_checkpointing(model, keep) == 2 - keep
+            assert checkpointing_fraction(model) == (2 - keep) / 2
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_packed_documents_are_isolated_per_sample_loss():
+    """Llama-style models: per-document position ids give a block-diagonal mask, so a document's loss inside a
+    packed block equals its loss alone."""
+    model = build_random("tiny-llama", 0)
+    model.eval()
+    install_chunked_loss(model)
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (11, 17, 9)]
+    eos = 2
+    (block,) = list(pack_examples([(d, d) for d in docs], seq_length=40, eos_token_id=eos))
+    ids, labels, pos = (torch.tensor(block[k])[None] for k in ("input_ids", "labels", "position_ids"))
+    start = 0
+    with torch.no_grad():
+        for d in docs:
+            n = len(d) + 1  # the document and its EOS
+            alone = torch.tensor(d + [eos])[None]
+            solo = model(input_ids=alone, labels=alone, position_ids=torch.arange(n)[None]).loss
+            only = torch.full_like(labels, -100)
+            # the document's own next-token targets (its first token is predicted by nothing inside it)
+            only[0, start + 1:start + n] = labels[0, start + 1:start + n]
+            packed = model(input_ids=ids, labels=only, position_ids=pos).loss
+            assert torch.allclose(packed, solo, atol=1e-5), (start, packed.item(), solo.item())
+            start += n
+
+
+@pytest.mark.slow
+def test_fast_path_trains_like_the_plain_path(tmp_path):
+    """Three optimizer steps through sft.training: chunked loss + no checkpointing vs the model's own loss +
+    checkpointing (dropout 0 in both): the same losses."""
+    from sft.config import load_config
+    from sft.data.ingest import write_dataset
+    from sft.training import train
+
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"{2 * i}.", "source": "test"} for i in range(64)]
+    write_dataset(str(tmp_path / "ds"), rows, progress=False)
+    histories = []
+    for fast in (True, False):
+        cfg = load_config(None, [
+            "model.name=arch:tiny-llama", "model.dtype=fp32", f"model.chunked_loss={str(fast).lower()}",
+            f"model.gradient_checkpointing={str(not fast).lower()}", "data.demo=false",
+            f"data.path={tmp_path / 'ds'}", "data.eval_path=null", "data.seq_length=64", "training.max_steps=3",
+            "training.per_device_train_batch_size=2", "training.logging_steps=1", "training.accuracy_samples=0",
+            "training.eval_strategy=no", "training.save_strategy=no", "training.merge=false",
+            "training.progress=false", "training.learning_rate=5e-3", "training.warmup_steps=0",
+            f"training.output_dir={tmp_path / ('fast' if fast else 'plain')}", "lora.dropout=0.0",
+        ])
+        histories.append(train(cfg).loss_history)
+    fast_h, plain_h = histories
+    assert len(fast_h) == len(plain_h) == 3
+    for a, b in zip(fast_h, plain_h):
+        assert abs(a - b) <= 1e-4 * abs(b), (fast_h, plain_h)
+    assert fast_h[-1] < fast_h[0]
