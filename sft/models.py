@@ -650,14 +650,14 @@ _GATED_MLP_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olm
 def layer_activation_bytes(config, tokens: int, dtype: str, quant_mode: str = "none") -> int:
     """Estimated activation memory autograd keeps for ONE decoder layer over ``tokens`` tokens (no checkpointing).
 
-    Per token, calibrated from peak RSS with and without checkpointing (8 x 512 tokens, fp32, sdpa, LoRA on q/v):
-    SmolLM2-135M (Llama-style, gated MLP) keeps 7.9k floats per token and layer, i.e. ~8 hidden + ~2 intermediate
-    sized tensors; OPT-125m (ReLU MLP) 8.9k, ~6 hidden + ~1.5 intermediate. 4 bytes per element in fp32, ~2.5
-    under bf16 autocast (bf16 activations, fp32 norms)."""
+    Per token, calibrated from peak RSS of `sft bench` cells with and without checkpointing (8 x 512 tokens,
+    fp32, sdpa, LoRA on q/v, this machine): SmolLM2-135M (Llama-style, gated MLP) keeps ~9.2k floats per token
+    and layer, i.e. ~10 hidden + ~2.5 intermediate sized tensors; OPT-125m (ReLU MLP) ~8.9k, ~6 hidden + ~1.5
+    intermediate. 4 bytes per element in fp32, ~2.5 under bf16 autocast (bf16 activations, fp32 norms)."""
     hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0)
     inter = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden
     gated = getattr(config, "model_type", "") in _GATED_MLP_TYPES
-    floats = 8 * hidden + 2 * inter if gated else 6 * hidden + 1.5 * inter
+    floats = 10 * hidden + 2.5 * inter if gated else 6 * hidden + 1.5 * inter
     per_elem = 4.0 if dtype == "fp32" and quant_mode == "none" else 2.5
     return int(tokens * floats * per_elem)
 
@@ -669,8 +669,9 @@ def activation_bytes(config, tokens: int, dtype: str, quant_mode: str = "none") 
 
 
 def logits_bytes(config, tokens: int) -> int:
-    """What the plain loss path holds at its peak: fp32 logits, their log-softmax and its gradient."""
-    return 3 * tokens * getattr(config, "vocab_size", 0) * 4
+    """What the plain loss path adds to the memory peak (end of forward, start of backward): the fp32 logits and
+    their log-softmax, ``2 x tokens x vocab x 4`` bytes. (Its gradient comes once activations start to be freed.)"""
+    return 2 * tokens * getattr(config, "vocab_size", 0) * 4
 
 
 def available_memory_bytes() -> int:
