@@ -59,8 +59,11 @@ class ModelConfig:
         "(the seed recipe). bf16: bf16 weights, no autocast. fp32: everything fp32 (exact tests). auto: "
         "bf16-mixed on GPUs and on CPUs with AMX / AVX512-BF16, fp32 on others (where bf16 is emulated and slower).",
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _f(
-        "sdpa", "Attention kernel passed to transformers."
+    attn_implementation: Literal["auto", "sft_varlen", "sdpa", "eager", "flash_attention_2"] = _f(
+        "auto",
+        "Attention kernel. sft_varlen: SDPA per packed document (causal, no mask; documents isolated, masked "
+        "work skipped; sft/attention.py), falling back to sdpa outside training. auto: sft_varlen on CPU, sdpa "
+        "on GPU (flash_attention_2 is the GPU varlen kernel where installed). Others are passed to transformers.",
     )
     gradient_checkpointing: Union[bool, Literal["auto"]] = _f(
         "auto",

@@ -431,13 +431,25 @@ def quantized_weight_names(config, q: QuantizationConfig) -> set[str]:
                 if type(m) is torch.nn.Linear and m is not head and f"{n}.weight" not in tied}
 
 
+def resolve_attention(name: str) -> str:
+    """``auto`` -> sft_varlen on CPU, sdpa on CUDA; registers sft_varlen with transformers when it is used."""
+    if name == "auto":
+        name = "sdpa" if torch.cuda.is_available() else "sft_varlen"
+    if name == "sft_varlen":
+        from sft.attention import register
+
+        register()
+    return name
+
+
 def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42, source: ModelSource | None = None,
                     device_map: Any = None):
     """Load the base model with the configured dtype policy (and 4-bit quantization when asked)."""
     from transformers import AutoModelForCausalLM
 
     source = source or resolve_source(cfg)
-    common: dict[str, Any] = dict(attn_implementation=cfg.attn_implementation)
+    attn = resolve_attention(cfg.attn_implementation)
+    common: dict[str, Any] = dict(attn_implementation=attn)
     if quant.mode == "nf4":
         common["quantization_config"] = _bnb_config(quant)
         common["dtype"] = _torch_dtype(quant.compute_dtype)
@@ -451,7 +463,7 @@ def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42,
                 model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, **common)
             else:
                 model = build_random(source.path, seed)
-                model.config._attn_implementation = cfg.attn_implementation
+                model.config._attn_implementation = attn
         elif source.kind == "gguf":
             if quant.mode == "nf4":
                 model = AutoModelForCausalLM.from_pretrained(dense_copy_of_gguf(source.path, source.gguf_file),
@@ -459,7 +471,7 @@ def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42,
             else:
                 model = AutoModelForCausalLM.from_pretrained(
                     dense_copy_of_gguf(source.path, source.gguf_file), dtype=torch.float32,
-                    attn_implementation=cfg.attn_implementation, use_safetensors=True,
+                    attn_implementation=attn, use_safetensors=True,
                 )
         else:
             # safetensors only, also for hub ids: a pickled checkpoint is never unpickled

@@ -1,0 +1,79 @@
+"""Per-document causal attention for packed blocks ("varlen" attention for SDPA on CPU).
+
+A packed block holds several documents; their per-document ``position_ids`` restart at 0. transformers turns
+that into a block-diagonal mask for SDPA, and with an explicit mask PyTorch's CPU flash kernel computes every
+(query block, key block) pair of the full L x L square: twice the causal work, and far more than the documents
+need (sum of len^2 instead of L^2). Here the block is cut into its documents and each runs through
+``F.scaled_dot_product_attention(is_causal=True)`` on its own, which is exactly the block-diagonal causal
+attention, without a mask and without the masked work. The same boundaries also isolate documents for models
+whose mask ignores position ids (OPT).
+
+Used while training (module.training) with position ids and no KV cache; everything else (generation with
+padding and a cache, evaluation) goes to transformers' own SDPA path with its mask. On CUDA, FlashAttention-2's
+varlen kernel (``model.attn_implementation=flash_attention_2``) is the tool for this; this module is for CPUs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "sft_varlen"
+
+
+def document_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per batch row, the [start, end) spans of its documents: a span starts where the position does not follow
+    the previous one (a restart at 0, or any jump)."""
+    pos = position_ids
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    L = pos.shape[1]
+    spans = []
+    for row in starts.cpu():
+        idx = row.nonzero().flatten().tolist()
+        spans.append(list(zip(idx, idx[1:] + [L])))
+    return spans
+
+
+def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                        is_causal=None, **kwargs):
+    """transformers attention-interface function: (B, H, L, D) inputs, (B, L, H, D) output."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    pos = kwargs.get("position_ids")
+    L = query.shape[2]
+    if (pos is None or not module.training or key.shape[2] != L or pos.shape[-1] != L
+            or kwargs.get("output_attentions") or getattr(module, "is_causal", True) is False):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if pos.dim() == 1:
+        pos = pos[None]
+    if pos.shape[0] != query.shape[0]:
+        pos = pos.expand(query.shape[0], -1)
+    if query.shape[1] != key.shape[1]:
+        # grouped-query attention: expand k/v to the query heads (SDPA's enable_gqa leaves the CPU flash kernel)
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    rows = []
+    for b, spans in enumerate(document_spans(pos)):
+        if len(spans) == 1:  # one document: the plain causal kernel on the whole row
+            parts = [F.scaled_dot_product_attention(query[b:b + 1], key[b:b + 1], value[b:b + 1], dropout_p=dropout,
+                                                    is_causal=True, scale=scaling)]
+        else:
+            parts = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
+                                                    value[b:b + 1, :, s:e], dropout_p=dropout, is_causal=True,
+                                                    scale=scaling) for s, e in spans]
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Make ``attn_implementation="sft_varlen"`` known to transformers (attention function and mask builder: the
+    SDPA mask, used by the fallback path). Idempotent."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(NAME, varlen_sdpa_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
