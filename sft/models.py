@@ -431,10 +431,20 @@ def quantized_weight_names(config, q: QuantizationConfig) -> set[str]:
                 if type(m) is torch.nn.Linear and m is not head and f"{n}.weight" not in tied}
 
 
-def resolve_attention(name: str) -> str:
-    """``auto`` -> sft_varlen on CPU, sdpa on CUDA; registers sft_varlen with transformers when it is used."""
+def resolve_attention(name: str, model_type: str | None = None) -> str:
+    """``auto`` -> sdpa on CUDA and for model types whose SDPA mask already isolates packed documents (Llama
+    family: transformers builds a block-diagonal mask from the position ids); sft_varlen on CPU for the others
+    (OPT), whose own mask lets packed documents attend to each other. Registers sft_varlen when it is used.
+
+    Measured (`sft bench --matrix cpu`, 8 x 512, fp32, this 2-core machine): on OPT-125m sft_varlen isolates
+    documents at no cost in speed; on SmolLM2-135M it halved the attention kernels' time in a profile (1.34 s
+    -> 0.75 s per 2 x 512 step) but the end-to-end step was within noise (1.02x vs 1.05x) and peak RSS rose
+    (per-document tensors), so the Llama family keeps sdpa by default."""
+    from sft.attention import MASK_ISOLATES_PACKED
+
     if name == "auto":
-        name = "sdpa" if torch.cuda.is_available() else "sft_varlen"
+        cpu = not torch.cuda.is_available()
+        name = "sft_varlen" if cpu and model_type is not None and model_type not in MASK_ISOLATES_PACKED else "sdpa"
     if name == "sft_varlen":
         from sft.attention import register
 
@@ -448,7 +458,8 @@ def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42,
     from transformers import AutoModelForCausalLM
 
     source = source or resolve_source(cfg)
-    attn = resolve_attention(cfg.attn_implementation)
+    # auto needs the model type: load with sdpa, then switch (resolve_attention) once the config is known
+    attn = "sdpa" if cfg.attn_implementation == "auto" else resolve_attention(cfg.attn_implementation)
     common: dict[str, Any] = dict(attn_implementation=attn)
     if quant.mode == "nf4":
         common["quantization_config"] = _bnb_config(quant)
@@ -479,6 +490,10 @@ def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42,
                                                          **common)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {cfg.name}: {e} (only safetensors weights are loaded)") from e
+    if cfg.attn_implementation == "auto":
+        chosen = resolve_attention("auto", getattr(model.config, "model_type", None))
+        if chosen != attn:
+            model.set_attn_implementation(chosen)
     if quant.mode != "nf4":
         apply_dtype_policy(model, cfg.dtype)
     return model

@@ -217,3 +217,13 @@ def test_varlen_attention_equals_the_block_diagonal_mask():
     with torch.no_grad():
         assert torch.equal(fast(input_ids=ids, position_ids=pos, use_cache=False).logits,
                            ref.eval()(input_ids=ids, position_ids=pos, use_cache=False).logits)
+
+
+def test_auto_attention_isolates_opt_and_keeps_sdpa_for_llama():
+    from sft.models import load_base_model
+
+    q = QuantizationConfig()
+    opt = load_base_model(ModelConfig(name="arch:tiny-opt", dtype="fp32"), q)
+    llama = load_base_model(ModelConfig(name="arch:tiny-llama", dtype="fp32"), q)
+    assert opt.config._attn_implementation == ("sdpa" if torch.cuda.is_available() else "sft_varlen")
+    assert llama.config._attn_implementation == "sdpa"
