@@ -36,7 +36,7 @@ def default_chunk(vocab: int, budget_bytes: int = 128 * 2**20) -> int:
     return max(64, budget_bytes // (4 * max(1, vocab)))
 
 
-def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 logits of one chunk and their per-row log-sum-exp."""
     logits = h.to(compute_dtype) @ weight.to(compute_dtype).t()
@@ -57,7 +57,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         w = weight.to(compute_dtype)
         for s in range(0, n, chunk):
             h, y = hidden[s:s + chunk], targets[s:s + chunk]
-            logits, lse = _chunk_loss(h, w, bias, y, compute_dtype)
+            logits, lse = _chunk_loss(h, w, bias, compute_dtype)
             rows = torch.arange(y.shape[0], device=y.device)
             total += (lse - logits[rows, y]).sum()
             # d(sum of CE)/d logits = softmax - onehot, computed in place over the logits buffer
@@ -108,7 +108,7 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: 
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, h.shape[0], chunk):
-                logits, lse = _chunk_loss(h[s:s + chunk], weight, bias, y[s:s + chunk], compute_dtype)
+                logits, lse = _chunk_loss(h[s:s + chunk], weight, bias, compute_dtype)
                 total += (lse - logits.gather(1, y[s:s + chunk, None]).squeeze(1)).sum()
         return total * scale
     with torch.autocast(h.device.type, enabled=False):
