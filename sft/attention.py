@@ -60,13 +60,8 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
     rows = []
     for b, spans in enumerate(document_spans(pos)):
-        if len(spans) == 1:  # one document: the plain causal kernel on the whole row
-            parts = [F.scaled_dot_product_attention(query[b:b + 1], key[b:b + 1], value[b:b + 1], dropout_p=dropout,
-                                                    is_causal=True, scale=scaling)]
-        else:
-            parts = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
-                                                    value[b:b + 1, :, s:e], dropout_p=dropout, is_causal=True,
-                                                    scale=scaling) for s, e in spans]
+        parts = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                                dropout_p=dropout, is_causal=True, scale=scaling) for s, e in spans]
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None

@@ -71,11 +71,6 @@ def checkpointing_fraction(model: torch.nn.Module) -> float:
     return sum(1 for m in layers if m.gradient_checkpointing) / len(layers) if layers else 0.0
 
 
-def checkpointing_enabled(model: torch.nn.Module) -> bool:
-    """Whether any layer recomputes its activations in the backward pass."""
-    return checkpointing_fraction(model) > 0
-
-
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -689,12 +689,6 @@ def layer_activation_bytes(config, tokens: int, dtype: str, quant_mode: str = "n
     return int(tokens * floats * per_elem)
 
 
-def activation_bytes(config, tokens: int, dtype: str, quant_mode: str = "none") -> int:
-    """Estimated activations of the whole decoder stack without checkpointing (see layer_activation_bytes)."""
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
-    return layers * layer_activation_bytes(config, tokens, dtype, quant_mode)
-
-
 def logits_bytes(config, tokens: int) -> int:
     """What the plain loss path adds to the memory peak (end of forward, start of backward): the fp32 logits and
     their log-softmax, ``2 x tokens x vocab x 4`` bytes. (Its gradient comes once activations start to be freed.)"""
