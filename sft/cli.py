@@ -78,6 +78,8 @@ def print_summary(s) -> None:
         if s.accuracy_before is not None and s.accuracy_after is not None:
             gain = f"  ({100 * (s.accuracy_after - s.accuracy_before):+.1f} points)"
         t.add_row("held-out accuracy", f"{_fmt_pct(s.accuracy_before)} -> {_fmt_pct(s.accuracy_after)}{gain}")
+    if s.accuracy_merged is not None:
+        t.add_row("merged accuracy", f"{_fmt_pct(s.accuracy_merged)}  (the merged model, reloaded from disk)")
     if s.merge_max_abs_diff is not None:
         t.add_row("merge check", f"max |logit diff| {s.merge_max_abs_diff:.2e}")
     if s.sample_question:

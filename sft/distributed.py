@@ -124,6 +124,11 @@ def dist_info() -> DistInfo:
     )
 
 
+def deepspeed_launch() -> bool:
+    """True when ``accelerate launch`` started this process with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").strip().lower() in ("1", "true", "yes")
+
+
 def init_process_group_if_needed(timeout_s: int = DEFAULT_TIMEOUT_S, device: str = "cpu") -> bool:
     """Initialise the default process group when launched with world size > 1. True if this call initialised it."""
     if not dist.is_available() or dist.is_initialized():
@@ -141,6 +146,15 @@ def init_process_group_if_needed(timeout_s: int = DEFAULT_TIMEOUT_S, device: str
 
             print("sft: backend ds-ccl: removed ACCELERATE_USE_CPU from the environment (it would turn the "
                   "DeepSpeed run into plain DDP over gloo)", file=sys.stderr, flush=True)
+    elif cpu and deepspeed_launch():
+        # DeepSpeed on CPU: ACCELERATE_USE_CPU (and TrainingArguments.use_cpu) would make accelerate drop the
+        # DeepSpeed config and train plain DDP, silently. DeepSpeed's own CPU accelerator is selected instead.
+        if os.environ.pop("ACCELERATE_USE_CPU", None) is not None:
+            import sys
+
+            print("sft: DeepSpeed launch on CPU: removed ACCELERATE_USE_CPU from the environment (it would turn "
+                  "the DeepSpeed run into plain DDP)", file=sys.stderr, flush=True)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     elif cpu:
         os.environ["ACCELERATE_USE_CPU"] = "true"
     # env:// needs RANK/WORLD_SIZE/MASTER_*; MPI launchers only set their own names (accelerate does the same copy).
@@ -163,6 +177,12 @@ def init_process_group_if_needed(timeout_s: int = DEFAULT_TIMEOUT_S, device: str
     dist.init_process_group(**kwargs)
     if ds_ccl:
         _init_deepspeed_ccl(info, timeout)
+    elif cpu and deepspeed_launch():
+        # accelerate finds no backend on a CPU-only DeepSpeed launch and would count every rank as process 0 of 1
+        # (DeepSpeed then fails its batch-size assertion); naming the backend once makes its state see the group.
+        from accelerate import PartialState
+
+        PartialState(backend=backend, timeout=timeout)
     return True
 
 
@@ -257,6 +277,15 @@ def all_reduce_min_int(value: int) -> int:
     return int(t.item())
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``t`` over all ranks (a new CPU tensor; ``t`` itself on one rank)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return t
+    out = t.to(_collective_device()).clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.cpu()
+
+
 def run_metadata() -> dict:
     """Facts to store with run outputs: backend, world size, threads per rank, pinning."""
     info = dist_info()
@@ -288,108 +317,6 @@ def run_metadata() -> dict:
 
 
 # --------------------------------------------------------------------------------------------- watchdog
-#
-# A dead peer must not leave the survivors hanging until the collective timeout (30 min by default). Each rank
-# runs a daemon thread that writes a heartbeat into the rendezvous store every few seconds and reads the
-# others'. A rank whose heartbeat is older than `stale_after` seconds is reported by rank number and host, and
-# this process exits with status 1 (os._exit: the main thread may be blocked inside a collective forever).
-# Heartbeats mean "process alive", not "making progress", so a long merge on rank 0 does not trip it. A rank
-# that finished marks itself done and is no longer watched. If the store itself is gone (its host, usually
-# rank 0 or the node-0 launcher, died), that is reported the same way.
-
-import threading
-import time
-
-_watchdog: "Watchdog | None" = None
-
-
-class Watchdog:
-    def __init__(self, store, rank: int, world_size: int, interval: float, stale_after: float):
-        self.store, self.rank, self.world = store, rank, world_size
-        self.interval, self.stale_after = interval, stale_after
-        self._stop = threading.Event()
-        self._started = time.time()
-        self.store.set(f"sft/host/{rank}", socket.gethostname())
-        self._beat()
-        self.thread = threading.Thread(target=self._run, name="sft-watchdog", daemon=True)
-        self.thread.start()
-
-    def _beat(self) -> None:
-        self.store.set(f"sft/hb/{self.rank}", repr(time.time()))
-
-    def _peer_state(self, r: int) -> tuple[bool, float | None]:
-        """(done, age of the last heartbeat in seconds or None if it never beat)."""
-        done_key, hb_key = f"sft/done/{r}", f"sft/hb/{r}"
-        if self.store.check([done_key]):
-            return True, None
-        if not self.store.check([hb_key]):
-            return False, None
-        return False, time.time() - float(self.store.get(hb_key).decode())
-
-    def _fail(self, message: str) -> None:
-        import sys
-
-        print(f"error: rank {self.rank}: {message}; stopping this rank", file=sys.stderr, flush=True)
-        os._exit(1)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self._beat()
-                for r in range(self.world):
-                    if r == self.rank:
-                        continue
-                    done, age = self._peer_state(r)
-                    if done:
-                        continue
-                    if age is None:
-                        age = time.time() - self._started  # never seen: count from our own start
-                    if age > self.stale_after:
-                        host = self.store.get(f"sft/host/{r}").decode() if self.store.check([f"sft/host/{r}"]) else "?"
-                        self._fail(f"rank {r} (host {host}) stopped responding: no heartbeat for {age:.0f} s")
-            except Exception as e:  # the store is gone: its host died
-                if self._stop.is_set():
-                    return
-                self._fail(f"lost contact with the rendezvous store at {os.environ.get('MASTER_ADDR')}:"
-                           f"{os.environ.get('MASTER_PORT')} (the rank or launcher hosting it, usually rank 0, died): {e}")
-
-    def stop(self) -> None:
-        try:
-            self.store.set(f"sft/done/{self.rank}", "1")
-        except Exception:
-            pass
-        self._stop.set()
-
-
-def start_watchdog(interval: float = 2.0, stale_after: float | None = None) -> "Watchdog | None":
-    """Start the heartbeat watchdog when running with world size > 1 (no-op otherwise)."""
-    global _watchdog
-    if _watchdog is not None or not is_initialized() or dist.get_world_size() == 1:
-        return _watchdog
-    stale_after = stale_after or float(os.environ.get("SFT_WATCHDOG_STALE_S", "20"))
-    try:
-        from torch.distributed.distributed_c10d import _get_default_store
-
-        store = _get_default_store()
-    except Exception:  # private API: without it we fall back to the collective timeout
-        return None
-    _watchdog = Watchdog(store, dist.get_rank(), dist.get_world_size(), interval, stale_after)
-    return _watchdog
-
-
-def stop_watchdog() -> None:
-    global _watchdog
-    if _watchdog is not None:
-        _watchdog.stop()
-        _watchdog = None
-
-
-def explain_failure(error: BaseException) -> None:
-    """Called when a collective failed: give the watchdog time to find and name the dead peer (it then exits
-    this process with a message naming it). Returns if every peer is alive, so the caller re-raises ``error``."""
-    wd = _watchdog
-    if wd is None:
-        return
-    deadline = time.time() + wd.stale_after + 3 * wd.interval
-    while time.time() < deadline and wd.thread.is_alive():
-        time.sleep(wd.interval / 2)
+# The heartbeat watchdog and desync detector live in sft/watchdog.py; these names are kept here so that callers
+# talk to one module about distributed state.
+from sft.watchdog import explain_failure, set_phase, start_watchdog, stop_watchdog  # noqa: E402,F401

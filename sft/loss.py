@@ -104,6 +104,10 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: 
         else weight.dtype
     chunk = chunk or default_chunk(weight.shape[0])
     need_w = weight.requires_grad or (bias is not None and bias.requires_grad)
+    return _loss(h, weight, bias, y, scale, chunk, compute_dtype, need_w)
+
+
+def _loss(h, weight, bias, y, scale, chunk, compute_dtype, need_w) -> torch.Tensor:
     if not torch.is_grad_enabled() or not (h.requires_grad or need_w):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(h.device.type, enabled=False):

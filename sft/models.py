@@ -452,6 +452,18 @@ def resolve_attention(name: str, model_type: str | None = None) -> str:
     return name
 
 
+def prepare_weights(cfg: ModelConfig, quant: QuantizationConfig, seed: int, zero3: bool) -> None:
+    """Write the on-disk copy that :func:`load_base_model` will read for a random ``arch:`` model (4-bit loads and
+    ZeRO-3 loads go through ``from_pretrained``). Call on one rank, before TrainingArguments exist."""
+    source = resolve_source(cfg)
+    if source.kind != "arch":
+        return
+    if quant.mode == "nf4":
+        materialize_arch(source.path, seed)
+    elif zero3:
+        materialize_arch(source.path, seed, dtype=torch.float32 if cfg.dtype == "fp32" else torch.bfloat16)
+
+
 def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42, source: ModelSource | None = None,
                     device_map: Any = None):
     """Load the base model with the configured dtype policy (and 4-bit quantization when asked)."""
@@ -472,6 +484,12 @@ def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42,
                 # bitsandbytes quantizes while loading weights: materialise the random model once on disk.
                 model_dir = materialize_arch(source.path, seed)
                 model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, **common)
+            elif _zero3_init():
+                # ZeRO-3 loads partitioned (zero.Init) through from_pretrained: the same weights as build_random's,
+                # saved once, so every strategy starts from identical parameters
+                dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16
+                model = AutoModelForCausalLM.from_pretrained(materialize_arch(source.path, seed, dtype=dtype),
+                                                             use_safetensors=True, dtype=dtype, attn_implementation=attn)
             else:
                 model = build_random(source.path, seed)
                 model.config._attn_implementation = attn
@@ -546,14 +564,29 @@ def materialize_arch(arch: str, seed: int, dtype: torch.dtype = torch.bfloat16) 
     out = cache_dir() / "arch" / f"{arch}-seed{seed}{suffix}"
     if (out / "config.json").exists():
         return out
+    if _zero3_init():
+        raise RuntimeError(f"materialize_arch({arch!r}) under a live ZeRO-3 config would save a partitioned model; "
+                           "call it before TrainingArguments are created (sft.training does)")
     model = build_random(arch, seed, dtype=dtype)
     return _atomic_save(out, lambda tmp: model.save_pretrained(tmp, max_shard_size="2GB"))
+
+
+def _zero3_init() -> bool:
+    """True while transformers loads models partitioned (a ZeRO-3 TrainingArguments exists in this process)."""
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return is_deepspeed_zero3_enabled()
 
 
 def apply_dtype_policy(model: torch.nn.Module, policy: str) -> None:
     """bf16-mixed (the seed's recipe): bf16 weights but fp32 1-D parameters (norms, biases), used under
     autocast so that fp32 norm outputs are cast back to bf16 before the next matmul.
-    bf16: everything bf16. fp32: everything fp32."""
+    bf16: everything bf16. fp32: everything fp32. Parameters partitioned by ZeRO-3 are left alone: DeepSpeed
+    owns their dtype (its bf16 section) and their storage."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return
     if policy == "fp32":
         model.float()
     elif policy in ("bf16", "bf16-mixed"):
@@ -602,7 +635,7 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total). 4-bit weights are packed two per byte: count their logical size."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", None) or p.numel()  # a ZeRO-3 partitioned parameter is empty locally
         if p.__class__.__name__ == "Params4bit":
             n = n * 2
         total += n
@@ -612,11 +645,11 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def load_model_and_tokenizer(model_cfg: ModelConfig, lora_cfg: LoraSection | None, quant: QuantizationConfig,
-                             seed: int = 42, tokens_per_micro_batch: int | None = None):
+                             seed: int = 42, tokens_per_micro_batch: int | None = None, tokenizer=None):
     """Base (+ LoRA when lora_cfg is given) and its tokenizer, ready for training: base dropout set, the chunked
     loss installed, checkpointing decided (``auto`` needs ``tokens_per_micro_batch``; without it, on)."""
     source = resolve_source(model_cfg)
-    tokenizer = load_tokenizer(model_cfg, source)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_cfg, source)
     model = load_base_model(model_cfg, quant, seed=seed, source=source)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ModelError(
@@ -625,7 +658,12 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, lora_cfg: LoraSection | Non
         )
     if model_cfg.dropout is not None:
         set_base_dropout(model, model_cfg.dropout)
-    if model_cfg.chunked_loss:
+    if model_cfg.chunked_loss and _zero3_init():
+        # The chunked loss reads lm_head.weight without calling lm_head, so DeepSpeed's hooks never gather the
+        # partitioned (and, when tied, embedding-shared) weight; gathering it by hand collides with the embedding's
+        # own fetch of the same tensor ("Cannot free a ZeRO-3 parameter while it is still active").
+        log.info("model.chunked_loss: not used under DeepSpeed ZeRO-3 (the model's own loss runs)")
+    elif model_cfg.chunked_loss:
         from sft.loss import install_chunked_loss
 
         if not install_chunked_loss(model):

@@ -10,6 +10,7 @@ packed ``IterableDataset`` as it is.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -46,7 +47,8 @@ class RunSummary:
     loss_last: float = float("nan")
     eval_loss: float | None = None
     accuracy_before: float | None = None
-    accuracy_after: float | None = None
+    accuracy_after: float | None = None  # the adapter model (None under ZeRO-3 / FSDP: see accuracy_merged)
+    accuracy_merged: float | None = None  # the merged model, reloaded from disk as a user would
     sample_question: str | None = None
     sample_answer: str | None = None
     merge_max_abs_diff: float | None = None
@@ -104,6 +106,16 @@ def _count_blocks(cfg: RunConfig, tokenizer, source) -> int:
     return stats.blocks
 
 
+IGNORE = -100  # the label of a position that is not trained
+
+
+def _masked_block(batch: int, seq_length: int) -> dict[str, torch.Tensor]:
+    """A batch that contributes nothing to a loss: for ranks that must join a collective forward without data."""
+    return {"input_ids": torch.zeros(batch, seq_length, dtype=torch.long),
+            "labels": torch.full((batch, seq_length), IGNORE, dtype=torch.long),
+            "position_ids": torch.arange(seq_length).repeat(batch, 1)}
+
+
 class _Collator:
     """Stack constant-length blocks; drop position ids when the config says so."""
 
@@ -130,12 +142,13 @@ def held_out_rows(cfg: RunConfig, n: int) -> list[dict[str, str]]:
     return rows
 
 
-def accuracy(cfg: RunConfig, model, tokenizer, rows: list[dict[str, str]], desc: str) -> float:
-    """Held-out exact match of greedy answers, prompted exactly as in training."""
+def accuracy(cfg: RunConfig, model, tokenizer, rows: list[dict[str, str]], desc: str, merged: bool = False) -> float:
+    """Held-out exact match of greedy answers, prompted exactly as in training (a merged model, reloaded in fp32,
+    runs without autocast)."""
     from sft.data.demo import evaluate_accuracy
     from sft.data.formatting import prompt_text
 
-    bf16 = cfg.model.dtype == "bf16-mixed" or cfg.quantization.mode == "nf4"
+    bf16 = not merged and (cfg.model.dtype == "bf16-mixed" or cfg.quantization.mode == "nf4")
     acc, _ = evaluate_accuracy(
         model, tokenizer, rows, lambda q: prompt_text(tokenizer, q, cfg.data.template),
         batch_size=cfg.training.per_device_eval_batch_size * 4, max_new_tokens=cfg.training.max_new_tokens,
@@ -190,6 +203,7 @@ def _make_trainer_class():
             from sft import checkpoint as ck
 
             step = self.state.global_step
+            dist.set_phase("save", step)
             run_dir = Path(self._get_output_dir(trial=trial))
             final = run_dir / f"checkpoint-{step}"
             tmp = run_dir / f"checkpoint-{step}{ck.PARTIAL_SUFFIX}"
@@ -322,13 +336,67 @@ def _make_trainer_class():
 
             return DataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator)
 
-        def get_eval_dataloader(self, eval_dataset=None):
-            if self.args.world_size <= 1:
-                return super().get_eval_dataloader(eval_dataset)
+        def _forward_is_collective(self) -> bool:
+            """ZeRO-3 and FSDP gather parameters inside the forward: every rank must run every forward pass."""
+            if self.is_fsdp_enabled:
+                return True
+            if self.is_deepspeed_enabled:
+                from transformers.integrations import is_deepspeed_zero3_enabled
+
+                return is_deepspeed_zero3_enabled()
+            return False
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            """The evaluation loss over every rank's eval shard, weighted by labelled tokens.
+
+            transformers' loop gathers after every batch, so ranks whose shards pack into different numbers of
+            blocks wait for each other forever (the DDP-with-evaluation hang), and it averages per-batch means.
+            Here the ranks agree before each batch whether any of them still has one (one tiny all-reduce), a
+            rank that ran out forwards an all-masked block where the forward itself is collective (ZeRO-3, FSDP)
+            and skips it otherwise, and the loss is sum(token losses) / labelled tokens over all ranks."""
             from torch.utils.data import DataLoader
 
             ds = eval_dataset if eval_dataset is not None else self.eval_dataset
-            return DataLoader(ds, batch_size=self.args.eval_batch_size, collate_fn=self.data_collator)
+            dist.set_phase("eval", self.state.global_step)
+            start = time.time()
+            model = self.model_wrapped if (self.is_deepspeed_enabled or self.is_fsdp_enabled) else self.model
+            was_training = model.training
+            model.eval()
+            collective = self._forward_is_collective()
+            world = self.args.world_size
+            batches = iter(DataLoader(ds, batch_size=self.args.eval_batch_size, collate_fn=self.data_collator)) \
+                if ds is not None else iter(())
+            dummy = None
+            total = torch.zeros(2, dtype=torch.float64)  # (sum of token losses, labelled tokens)
+            with torch.no_grad():
+                while True:
+                    batch = next(batches, None)
+                    if world > 1:
+                        if not dist.all_reduce_max_flag(batch is not None):
+                            break
+                    elif batch is None:
+                        break
+                    if batch is None:
+                        if not collective:
+                            continue
+                        batch = dummy if dummy is not None else _masked_block(self.args.eval_batch_size, ds.seq_length)
+                    elif dummy is None:
+                        dummy = {k: (torch.full_like(v, IGNORE) if k == "labels" else v.clone()) for k, v in batch.items()}
+                    inputs = self._prepare_inputs(batch)
+                    with self.compute_loss_context_manager():
+                        loss = model(**inputs).loss
+                    n = int((batch["labels"][:, 1:] != IGNORE).sum())
+                    if n:
+                        total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+            total = dist.all_reduce_sum(total)
+            if was_training:
+                model.train()
+            metrics = {f"{metric_key_prefix}_loss": float(total[0] / total[1]) if total[1] else float("nan"),
+                       f"{metric_key_prefix}_tokens": int(total[1]),
+                       f"{metric_key_prefix}_runtime": round(time.time() - start, 4)}
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
 
     return ShardAwareTrainer
 
@@ -339,6 +407,9 @@ def _make_callback(timer: StepTimer, losses: list[float]):
     class ThroughputCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             timer.start()
+
+        def on_step_begin(self, args, state, control, **kw):
+            dist.set_phase("train", state.global_step + 1)
 
         def on_step_end(self, args, state, control, **kw):
             timer.step()
@@ -404,10 +475,10 @@ def _resolve_resume(cfg: RunConfig, ckpt_dir: Path, rank: int, world: int, train
 
 
 def train(cfg: RunConfig) -> RunSummary:
-    from transformers import TrainingArguments
 
     from sft.merging import merge_adapter, write_base_meta
-    from sft.models import count_parameters, load_model_and_tokenizer, resolve_source
+    from sft.models import (count_parameters, load_model_and_tokenizer, load_tokenizer, prepare_weights, resolve_source,
+                            sharded_launch)
 
     t_start = time.perf_counter()
     from sft.models import resolve_dtype_policy
@@ -448,10 +519,10 @@ def train(cfg: RunConfig) -> RunSummary:
     resume_meta = ck.resume_meta(cfg, world, train_src.total_rows)
     resume_point = _resolve_resume(cfg, out / "checkpoints", rank, world, train_src.total_rows)
 
-    model, tokenizer, source = load_model_and_tokenizer(
-        cfg.model, cfg.lora, cfg.quantization, seed=cfg.training.seed,
-        tokens_per_micro_batch=cfg.training.per_device_train_batch_size * cfg.data.seq_length)
-    summary.trainable_params, summary.total_params = count_parameters(model)
+    tokenizer = load_tokenizer(cfg.model)
+    if dist.is_main_process():  # random arch: models that load from disk are written once, by one rank
+        prepare_weights(cfg.model, cfg.quantization, cfg.training.seed, zero3=sharded_launch() == "DeepSpeed ZeRO-3")
+    dist.barrier()
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
     # Steps per epoch from a tokenizing pass over this rank's shard; every rank takes the same number of steps
@@ -468,17 +539,12 @@ def train(cfg: RunConfig) -> RunSummary:
 
     eval_dataset = None
     if eval_src is not None and cfg.training.eval_strategy != "no":
-        if _count_blocks(cfg, tokenizer, eval_src) >= 1:
+        # One decision for all ranks (a rank whose shard packs into no block still joins every evaluation).
+        if dist.all_reduce_max_flag(_count_blocks(cfg, tokenizer, eval_src) >= 1):
             eval_dataset = _packed(cfg, tokenizer, eval_src, infinite=False)
-        else:
+        elif dist.is_main_process():
             log.warning("data.eval_path holds less than one block of tokens: evaluation loss is skipped")
 
-    rows_for_accuracy: list[dict[str, str]] = []
-    if cfg.training.accuracy_samples and cfg.data.eval_path and dist.is_main_process():
-        rows_for_accuracy = held_out_rows(cfg, cfg.training.accuracy_samples)
-        model.to(device)
-        summary.accuracy_before = accuracy(cfg, model, tokenizer, rows_for_accuracy, "accuracy before")
-        print(f"held-out accuracy before training: {100 * summary.accuracy_before:.1f}% ({len(rows_for_accuracy)} rows)")
 
     def interval(strategy: str, steps: int) -> tuple[str, int]:
         if strategy == "epoch":
@@ -489,40 +555,29 @@ def train(cfg: RunConfig) -> RunSummary:
                                          cfg.training.eval_steps)
     save_strategy, save_steps = interval(cfg.training.save_strategy, cfg.training.save_steps)
     ckpt_dir = out / "checkpoints"
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir),
-        per_device_train_batch_size=cfg.training.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.training.per_device_eval_batch_size,
-        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
-        learning_rate=cfg.training.learning_rate,
-        lr_scheduler_type=cfg.training.lr_scheduler,
-        warmup_steps=cfg.training.warmup_steps,
-        weight_decay=cfg.training.weight_decay,
-        max_grad_norm=cfg.training.max_grad_norm,
-        max_steps=max_steps,
-        eval_strategy=eval_strategy,
-        eval_steps=eval_steps or None,
-        save_strategy=save_strategy,
-        save_steps=save_steps or 500,
-        save_total_limit=cfg.training.save_total_limit,
-        logging_steps=cfg.training.logging_steps,
-        logging_first_step=True,
-        report_to=[] if cfg.training.report_to == ["none"] else cfg.training.report_to,
-        seed=cfg.training.seed,
-        data_seed=cfg.training.seed,
-        bf16=cfg.model.dtype == "bf16-mixed" or cfg.quantization.mode == "nf4",
-        use_cpu=device.type == "cpu",
-        torch_compile=cfg.training.torch_compile,
-        disable_tqdm=not cfg.training.progress or not dist.is_main_process(),
-        remove_unused_columns=False,
-        prediction_loss_only=True,  # evaluation needs the loss only (the chunked loss returns no logits)
-        dataloader_num_workers=0,
-        ddp_timeout=cfg.training.dist_timeout_s,
-        ddp_find_unused_parameters=False,
-        save_only_model=False,
-        # the data cursor restores the stream position on resume; never replay (re-iterate) the seen batches
-        ignore_data_skip=True,
-    )
+    with _cpu_deepspeed_bf16(cfg):
+        args = _training_arguments(cfg, ckpt_dir, max_steps, eval_strategy, eval_steps, save_strategy, save_steps,
+                                   device)
+    # The model is loaded after TrainingArguments exist: under a ZeRO-3 launch they carry the DeepSpeed config that
+    # makes transformers load the weights partitioned (zero.Init), so no rank ever holds the whole model.
+    model, tokenizer, source = load_model_and_tokenizer(
+        cfg.model, cfg.lora, cfg.quantization, seed=cfg.training.seed, tokenizer=tokenizer,
+        tokens_per_micro_batch=cfg.training.per_device_train_batch_size * cfg.data.seq_length)
+    summary.trainable_params, summary.total_params = count_parameters(model)
+    sharded = sharded_launch()  # ZeRO-3 / FSDP: every forward is a collective of all ranks
+
+    rows_for_accuracy: list[dict[str, str]] = []
+    if cfg.training.accuracy_samples and cfg.data.eval_path:
+        if dist.is_main_process():
+            rows_for_accuracy = held_out_rows(cfg, cfg.training.accuracy_samples)
+        if sharded is None and dist.is_main_process():
+            model.to(device)
+            summary.accuracy_before = accuracy(cfg, model, tokenizer, rows_for_accuracy, "accuracy before")
+            print(f"held-out accuracy before training: {100 * summary.accuracy_before:.1f}% "
+                  f"({len(rows_for_accuracy)} rows)")
+        elif sharded is not None and dist.is_main_process():
+            print(f"{sharded}: the model is sharded across ranks, so held-out accuracy is measured once, on the "
+                  "merged model after training")
     timer = StepTimer(tokens_per_step=per_step * cfg.data.seq_length * world)
     losses: list[float] = []
     train_dataset = _packed(cfg, tokenizer, train_src, infinite=True)
@@ -584,7 +639,10 @@ def train(cfg: RunConfig) -> RunSummary:
         summary.loss_first, summary.loss_last = losses[0], losses[-1]
         summary.loss_history = losses
     if eval_dataset is not None:
-        summary.eval_loss = trainer.evaluate().get("eval_loss")
+        last = trainer.state.log_history[-2:] if trainer.state.log_history else []
+        evaluated = [h for h in last if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+        # the Trainer evaluated at the last step already (eval_steps divides max_steps): do not do it twice
+        summary.eval_loss = evaluated[-1]["eval_loss"] if evaluated else trainer.evaluate().get("eval_loss")
     fpt = flops_per_token(trainer.model, cfg.data.seq_length, checkpointing_fraction(trainer.model))
     summary.model_tflops_per_s = fpt.model * summary.tokens_per_s / 1e12
 
@@ -592,21 +650,25 @@ def train(cfg: RunConfig) -> RunSummary:
     _save_adapter(trainer, tokenizer, adapter_dir, cfg)
     if dist.is_main_process():
         summary.paths["adapter"] = str(adapter_dir)
-        if rows_for_accuracy:
+        if rows_for_accuracy and sharded is None:
             summary.accuracy_after = accuracy(cfg, trainer.model, tokenizer, rows_for_accuracy, "accuracy after")
             print(f"held-out accuracy after training: {100 * summary.accuracy_after:.1f}%")
-    del trainer, model
+    del trainer, model, args
     gc.collect()
+    # From here rank 0 works alone (merge, reload, generation): a live ZeRO-3 config would make transformers load
+    # those models partitioned (zero.Init) and every forward a collective that the other ranks never join.
+    _leave_sharded_mode()
 
     if cfg.training.merge:
         merged_dir = out / "merged"
+        dist.set_phase("merge" if dist.is_main_process() else "wait-merge")
         if dist.is_main_process():
             report = merge_adapter(adapter_dir, merged_dir, overwrite=True)
             print(f"rank {rank}: merged the adapter into {merged_dir} (logits check max |diff| {report.max_abs_diff:.2e})")
             summary.merge_max_abs_diff = report.max_abs_diff
             summary.paths["merged"] = str(merged_dir)
-            q, a = _sample_answer(cfg, merged_dir, rows_for_accuracy)
-            summary.sample_question, summary.sample_answer = q, a
+            q, a, acc = _check_merged(cfg, merged_dir, rows_for_accuracy)
+            summary.sample_question, summary.sample_answer, summary.accuracy_merged = q, a, acc
         dist.barrier()  # the other ranks wait here for rank 0's merge
     dist.stop_watchdog()
 
@@ -619,6 +681,71 @@ def train(cfg: RunConfig) -> RunSummary:
     return summary
 
 
+def _training_arguments(cfg: RunConfig, ckpt_dir: Path, max_steps: int, eval_strategy: str, eval_steps: int,
+                        save_strategy: str, save_steps: int, device: torch.device):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=cfg.training.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.training.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+        learning_rate=cfg.training.learning_rate,
+        lr_scheduler_type=cfg.training.lr_scheduler,
+        warmup_steps=cfg.training.warmup_steps,
+        weight_decay=cfg.training.weight_decay,
+        max_grad_norm=cfg.training.max_grad_norm,
+        max_steps=max_steps,
+        eval_strategy=eval_strategy,
+        eval_steps=eval_steps or None,
+        save_strategy=save_strategy,
+        save_steps=save_steps or 500,
+        save_total_limit=cfg.training.save_total_limit,
+        logging_steps=cfg.training.logging_steps,
+        logging_first_step=True,
+        report_to=[] if cfg.training.report_to == ["none"] else cfg.training.report_to,
+        seed=cfg.training.seed,
+        data_seed=cfg.training.seed,
+        bf16=cfg.model.dtype == "bf16-mixed" or cfg.quantization.mode == "nf4",
+        use_cpu=device.type == "cpu" and not dist.deepspeed_launch(),  # use_cpu would switch DeepSpeed off
+        torch_compile=cfg.training.torch_compile,
+        disable_tqdm=not cfg.training.progress or not dist.is_main_process(),
+        remove_unused_columns=False,
+        prediction_loss_only=True,  # evaluation needs the loss only (the chunked loss returns no logits)
+        dataloader_num_workers=0,
+        ddp_timeout=cfg.training.dist_timeout_s,
+        ddp_find_unused_parameters=False,
+        save_only_model=False,
+        # the data cursor restores the stream position on resume; never replay (re-iterate) the seen batches
+        ignore_data_skip=True,
+        # DeepSpeed on CPU: keep the accelerate state sft.distributed configured (TrainingArguments would reset it
+        # and count one process)
+        **({"accelerator_config": {"use_configured_state": True}}
+           if device.type == "cpu" and dist.deepspeed_launch() and dist.is_initialized() else {}),
+    )
+
+
+@contextlib.contextmanager
+def _cpu_deepspeed_bf16(cfg: RunConfig):
+    """Let TrainingArguments(bf16=True) through for DeepSpeed on CPU.
+
+    transformers refuses bf16 unless ``use_cpu`` is set or a GPU supports it, and ``use_cpu`` switches DeepSpeed
+    off (accelerate then trains plain DDP). DeepSpeed's CPU accelerator trains in bf16 (torch CPU kernels), so
+    for that one launch the GPU check is answered for the CPU, only while the arguments are built."""
+    if not (dist.deepspeed_launch() and not torch.cuda.is_available()
+            and (cfg.model.dtype == "bf16-mixed" or cfg.quantization.mode == "nf4")):
+        yield
+        return
+    import transformers.training_args as ta
+
+    original = ta.is_torch_bf16_gpu_available
+    ta.is_torch_bf16_gpu_available = lambda: True
+    try:
+        yield
+    finally:
+        ta.is_torch_bf16_gpu_available = original
+
+
 def _save_adapter(trainer, tokenizer, adapter_dir: Path, cfg: RunConfig) -> None:
     """PEFT format (adapter_config.json + adapter_model.safetensors), the tokenizer, and how to rebuild the base.
 
@@ -629,6 +756,7 @@ def _save_adapter(trainer, tokenizer, adapter_dir: Path, cfg: RunConfig) -> None
     from sft.merging import write_base_meta
 
     tmp = adapter_dir.parent / (adapter_dir.name + ".tmp-save")
+    dist.set_phase("save-adapter")
     if dist.is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
@@ -648,8 +776,18 @@ def _save_adapter(trainer, tokenizer, adapter_dir: Path, cfg: RunConfig) -> None
     dist.barrier()
 
 
-def _sample_answer(cfg: RunConfig, merged_dir: Path, rows: list[dict[str, str]]) -> tuple[str, str]:
-    """Reload the merged model the way a user would and answer one held-out question."""
+def _leave_sharded_mode() -> None:
+    """Forget the DeepSpeed config that TrainingArguments registered with transformers (a process-wide setting)."""
+    try:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    except ImportError:
+        return
+    unset_hf_deepspeed_config()
+
+
+def _check_merged(cfg: RunConfig, merged_dir: Path, rows: list[dict[str, str]]) -> tuple[str, str, float | None]:
+    """Reload the merged model the way a user would: answer one held-out question, and measure held-out accuracy
+    on the same rows as before training (None without rows)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sft.data.formatting import prompt_text
@@ -663,7 +801,11 @@ def _sample_answer(cfg: RunConfig, merged_dir: Path, rows: list[dict[str, str]])
     text = generate_texts(model, tokenizer, [prompt_text(tokenizer, question, cfg.data.template)],
                           max_new_tokens=cfg.training.max_new_tokens,
                           add_special_tokens=cfg.data.template == "default")[0]
-    return question, text.strip()
+    acc = None
+    if rows:
+        acc = accuracy(cfg, model, tokenizer, rows, "accuracy merged", merged=True)
+        print(f"held-out accuracy of the reloaded merged model: {100 * acc:.1f}%")
+    return question, text.strip(), acc
 
 
 def _write_json(path: Path, obj: Any) -> None:
