@@ -514,7 +514,21 @@ def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42,
             model.set_attn_implementation(chosen)
     if quant.mode != "nf4":
         apply_dtype_policy(model, cfg.dtype)
+    elif sharded_launch():
+        _keep_4bit_layout(model)
     return model
+
+
+def _keep_4bit_layout(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking NF4 weights for its AVX512-BF16 CPU kernel.
+
+    On such CPUs an inference-mode forward (evaluation) rewrites ``weight.data`` of every Linear4bit into a CPU
+    tile layout, and ``state_dict()`` converts back assuming uint8 storage. Under ZeRO-3 / FSDP the weight is a
+    sharded bf16-stored tensor: the rewrite corrupts the shard and the first checkpoint fails with an
+    AssertionError inside bitsandbytes (measured on this AMD EPYC with avx512_bf16, bitsandbytes 0.50.2)."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 def _atomic_save(out: Path, save) -> Path:
@@ -614,7 +628,14 @@ def add_lora(model, cfg: LoraSection, gradient_checkpointing: bool, quantized: b
     """Wrap the base in a PEFT LoRA model; only adapter weights train."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if quantized:
+    if quantized and sharded_launch():
+        # ZeRO-3 / FSDP shard every parameter as one dtype: prepare_model_for_kbit_training's fp32 upcast of the
+        # norms and embeddings beside bf16-stored 4-bit weights breaks FSDP1 flattening and only costs memory
+        # under FSDP2 (its mixed precision casts them back); TRL skips it for sharded QLoRA too
+        if gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    elif quantized:
         # casts the non-quantized layers (norms, head) to fp32 and sets up input grads for checkpointing
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,

@@ -43,6 +43,7 @@ class RunSummary:
     total_params: int = 0
     world_size: int = 1
     backend: str = "none"
+    strategy: str = "single"  # what the Trainer really ran: single, ddp, deepspeed-zero2/3, fsdp2
     loss_first: float = float("nan")
     loss_last: float = float("nan")
     eval_loss: float | None = None
@@ -613,6 +614,9 @@ def train(cfg: RunConfig) -> RunSummary:
         summary.resumed_from, summary.resumed_step = resume, resume_point.step
         if dist.is_main_process():
             print(f"resuming from {resume} (step {resume_point.step} of {max_steps})")
+    summary.strategy = _strategy(trainer)
+    if dist.is_main_process():
+        print(f"strategy: {summary.strategy} ({world} rank(s))")
     t_train = time.perf_counter()
     try:
         if resume_point is not None and resume_point.step >= max_steps:
@@ -761,7 +765,15 @@ def _save_adapter(trainer, tokenizer, adapter_dir: Path, cfg: RunConfig) -> None
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     try:
-        trainer.save_model(str(tmp))
+        if trainer.is_fsdp_enabled:
+            # FSDP: save_model writes nothing under SHARDED_STATE_DICT; gather the full state (a collective) and
+            # let PEFT keep the adapter's tensors
+            state = trainer.accelerator.get_state_dict(trainer.model)
+            if dist.is_main_process():
+                trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp, state_dict=state)
+            del state
+        else:
+            trainer.save_model(str(tmp))
         if dist.is_main_process():
             (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing here loads it
             tokenizer.save_pretrained(tmp)
@@ -774,6 +786,17 @@ def _save_adapter(trainer, tokenizer, adapter_dir: Path, cfg: RunConfig) -> None
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     dist.barrier()
+
+
+def _strategy(trainer) -> str:
+    """The parallel strategy the Trainer will really use (accelerate can silently fall back to DDP)."""
+    if trainer.is_deepspeed_enabled:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        return "deepspeed-zero3" if is_deepspeed_zero3_enabled() else "deepspeed-zero2"
+    if trainer.is_fsdp_enabled:
+        return f"fsdp{getattr(trainer.accelerator.state.fsdp_plugin, 'fsdp_version', 1)}"
+    return "ddp" if trainer.args.world_size > 1 else "single"
 
 
 def _leave_sharded_mode() -> None:
