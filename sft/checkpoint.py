@@ -348,8 +348,11 @@ def check_resumable(path: str | Path, world_size: int) -> None:
             f"training.resume: checkpoint {path} is incomplete (no {COMPLETE} marker: {why}); "
             f"resume from an earlier checkpoint, or use resume=auto for the newest complete one"
         )
-    missing = [n for n in (TRAINER_STATE, RESUME_META, f"{OPTIMIZER}.json", f"{SCHEDULER}.json")
-               if not (path / n).is_file()]
+    fmt = "sft"
+    if (path / RESUME_META).is_file():
+        fmt = json.loads((path / RESUME_META).read_text())["keys"].get("optimizer_format", "sft")
+    state_files = ENGINE_FILES.get(fmt, (f"{OPTIMIZER}.json", f"{SCHEDULER}.json"))
+    missing = [n for n in (TRAINER_STATE, RESUME_META, *state_files) if not (path / n).is_file()]
     missing += [cursor_name(r) for r in range(world_size) if not (path / cursor_name(r)).is_file()]
     if missing and (path / RESUME_META).is_file():
         saved_world = json.loads((path / RESUME_META).read_text()).get("world_size")
@@ -380,7 +383,20 @@ RESUME_KEYS = {
     "training.per_device_train_batch_size": "the data cursor counts blocks per step",
     "training.gradient_accumulation_steps": "the data cursor counts blocks per step",
     "world_size": "every rank has its own data shard and cursor",
+    "optimizer_format": "the optimizer state is in this strategy's format (sft: DDP / one process; deepspeed and "
+                        "fsdp: their engines' own); relaunch with the same accelerate config",
 }
+
+#: Files that hold the optimizer state of a checkpoint, by ``optimizer_format`` (DeepSpeed and FSDP write their own:
+#: DeepSpeed a ``latest`` tag and ``global_stepN/`` of torch files, FSDP2 torch.distributed.checkpoint shards).
+ENGINE_FILES = {"deepspeed": ("latest", "scheduler.pt"), "fsdp": ("scheduler.pt",)}
+
+
+def optimizer_format() -> str:
+    """Which format this process's Trainer writes optimizer state in, from what ``accelerate launch`` exported."""
+    from sft.distributed import deepspeed_launch, fsdp_launch
+
+    return "deepspeed" if deepspeed_launch() else "fsdp" if fsdp_launch() else "sft"
 
 
 def resume_meta(cfg, world_size: int, train_rows: int) -> dict[str, Any]:
@@ -394,7 +410,7 @@ def resume_meta(cfg, world_size: int, train_rows: int) -> dict[str, Any]:
         "data.train_rows": train_rows, "training.seed": cfg.training.seed,
         "training.per_device_train_batch_size": cfg.training.per_device_train_batch_size,
         "training.gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
-        "world_size": world_size,
+        "world_size": world_size, "optimizer_format": optimizer_format(),
     }
     return {"keys": flat, "data.path": cfg.data.path}
 

@@ -514,7 +514,7 @@ def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42,
             model.set_attn_implementation(chosen)
     if quant.mode != "nf4":
         apply_dtype_policy(model, cfg.dtype)
-    elif sharded_launch():
+    else:
         _keep_4bit_layout(model)
     return model
 
@@ -523,9 +523,12 @@ def _keep_4bit_layout(model: torch.nn.Module) -> None:
     """Stop bitsandbytes from repacking NF4 weights for its AVX512-BF16 CPU kernel.
 
     On such CPUs an inference-mode forward (evaluation) rewrites ``weight.data`` of every Linear4bit into a CPU
-    tile layout, and ``state_dict()`` converts back assuming uint8 storage. Under ZeRO-3 / FSDP the weight is a
-    sharded bf16-stored tensor: the rewrite corrupts the shard and the first checkpoint fails with an
-    AssertionError inside bitsandbytes (measured on this AMD EPYC with avx512_bf16, bitsandbytes 0.50.2)."""
+    tile layout for good, and the training forwards after it run on that layout with other rounding: a run that
+    evaluated at step 2 and one resumed from step 2 then train steps 3.. differently (measured: adapters 9e-3
+    apart, tests/test_strategies.py), so resume is no longer exact. Under ZeRO-3 / FSDP the weight is a sharded
+    bf16-stored tensor: the rewrite corrupts the shard and the first checkpoint fails with an AssertionError
+    inside bitsandbytes' ``state_dict`` (AMD EPYC with avx512_bf16, bitsandbytes 0.50.2). Training keeps one
+    layout; evaluation is slower on those CPUs for it."""
     for m in model.modules():
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False

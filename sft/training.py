@@ -107,6 +107,12 @@ def _count_blocks(cfg: RunConfig, tokenizer, source) -> int:
     return stats.blocks
 
 
+def uses_bf16(cfg: RunConfig) -> bool:
+    """Whether the run computes in bf16 (autocast / DeepSpeed bf16): the bf16-mixed policy, or a 4-bit base
+    dequantized to bf16."""
+    return cfg.model.dtype == "bf16-mixed" or (cfg.quantization.mode == "nf4" and cfg.quantization.compute_dtype == "bf16")
+
+
 IGNORE = -100  # the label of a position that is not trained
 
 
@@ -149,7 +155,7 @@ def accuracy(cfg: RunConfig, model, tokenizer, rows: list[dict[str, str]], desc:
     from sft.data.demo import evaluate_accuracy
     from sft.data.formatting import prompt_text
 
-    bf16 = not merged and (cfg.model.dtype == "bf16-mixed" or cfg.quantization.mode == "nf4")
+    bf16 = not merged and uses_bf16(cfg)
     acc, _ = evaluate_accuracy(
         model, tokenizer, rows, lambda q: prompt_text(tokenizer, q, cfg.data.template),
         batch_size=cfg.training.per_device_eval_batch_size * 4, max_new_tokens=cfg.training.max_new_tokens,
@@ -710,7 +716,7 @@ def _training_arguments(cfg: RunConfig, ckpt_dir: Path, max_steps: int, eval_str
         report_to=[] if cfg.training.report_to == ["none"] else cfg.training.report_to,
         seed=cfg.training.seed,
         data_seed=cfg.training.seed,
-        bf16=cfg.model.dtype == "bf16-mixed" or cfg.quantization.mode == "nf4",
+        bf16=uses_bf16(cfg),
         use_cpu=device.type == "cpu" and not dist.deepspeed_launch(),  # use_cpu would switch DeepSpeed off
         torch_compile=cfg.training.torch_compile,
         disable_tqdm=not cfg.training.progress or not dist.is_main_process(),
@@ -737,7 +743,7 @@ def _cpu_deepspeed_bf16(cfg: RunConfig):
     off (accelerate then trains plain DDP). DeepSpeed's CPU accelerator trains in bf16 (torch CPU kernels), so
     for that one launch the GPU check is answered for the CPU, only while the arguments are built."""
     if not (dist.deepspeed_launch() and not torch.cuda.is_available()
-            and (cfg.model.dtype == "bf16-mixed" or cfg.quantization.mode == "nf4")):
+            and uses_bf16(cfg)):
         yield
         return
     import transformers.training_args as ta
