@@ -423,6 +423,11 @@ def _make_callback(timer: StepTimer, losses: list[float]):
             # Fault injection for the dead-rank and resume tests: SFT_FAULT_KILL="RANK:STEP" SIGKILLs that rank at
             # the end of that step (before the step's checkpoint, if one is due, is written).
             _fault("SFT_FAULT_KILL", state.global_step)
+            # SFT_FAULT_DESYNC="RANK:STEP": that rank alone evaluates after that step, a rank-dependent condition
+            # that leaves it in an evaluation collective while its peers train (the desync detector's test)
+            spec = os.environ.get("SFT_FAULT_DESYNC")
+            if spec and [int(x) for x in spec.split(":")] == [dist.dist_info().rank, state.global_step]:
+                control.should_evaluate = True
 
         def on_evaluate(self, args, state, control, **kw):
             timer.interrupted()

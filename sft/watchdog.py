@@ -64,6 +64,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._started = time.time()
         self._apart_since: dict[int, float] = {}  # peer -> when we first saw it in another collective phase
+        self._last_peers: dict[int, dict | None] = {}  # the peers' records at the last check
         self.store.set(f"sft/host/{rank}", socket.gethostname())
         self._beat()
         self.thread = threading.Thread(target=self._run, name="sft-watchdog", daemon=True)
@@ -102,6 +103,7 @@ class Watchdog:
     def _check(self) -> None:
         now = time.time()
         peers = {r: self._peer(r) for r in range(self.world) if r != self.rank}
+        self._last_peers = peers
         phase, step, since = _phase
         for r, rec in peers.items():
             if rec is None:
@@ -141,8 +143,10 @@ class Watchdog:
             except Exception as e:  # the store is gone: its host died
                 if self._stop.is_set():
                     return
+                seen = f"; last seen: {self.phases(self._last_peers)}" if self._last_peers else ""
                 self._fail(f"lost contact with the rendezvous store at {os.environ.get('MASTER_ADDR')}:"
-                           f"{os.environ.get('MASTER_PORT')} (the rank or launcher hosting it, usually rank 0, died): {e}")
+                           f"{os.environ.get('MASTER_PORT')} (the rank or launcher hosting it, usually rank 0, died): "
+                           f"{e}{seen}")
 
     def stop(self) -> None:
         try:

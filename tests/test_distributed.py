@@ -156,3 +156,31 @@ def test_dead_rank_stops_the_survivor_with_a_message(datasets):
     assert procs[0].returncode != 0
     assert "rank 1 (host" in out0 and "stopped responding" in out0, out0[-3000:]
     assert not (work / "out-dead" / "merged").exists()
+
+
+def test_desync_stops_every_rank_with_phases(tmp_path):
+    """One rank evaluates while its peer trains on: neither collective can complete. Every rank must exit
+    non-zero within 2 minutes (the desync detector's default window is 60 s) naming each rank's phase and step."""
+    from tests.test_strategies import _rows
+
+    write_dataset(str(tmp_path / "train"), _rows(120, 1), progress=False)
+    write_dataset(str(tmp_path / "eval"), _rows(21, 2), progress=False)
+    args = [*TRAIN, "data.seq_length=64", "training.max_steps=1000", f"data.path={tmp_path / 'train'}",
+            f"data.eval_path={tmp_path / 'eval'}", "training.eval_strategy=steps", "training.eval_steps=500",
+            "training.per_device_train_batch_size=2", f"training.output_dir={tmp_path / 'out'}"]
+    args = [a for a in args if not a.startswith(("data.eval_path=null", "training.eval_strategy=no"))]
+    # two "machines", so no launcher sees the other rank: each rank must stop itself
+    port = free_port()
+    procs = [launch(*args, cwd=tmp_path, machines=(2, r), port=port, extra_env={"SFT_FAULT_DESYNC": "1:3"})
+             for r in (0, 1)]
+    t0 = time.monotonic()
+    outs = [finish(p, timeout=300) for p in procs]
+    elapsed = time.monotonic() - t0
+    for p, out in zip(procs, outs):
+        assert p.returncode != 0, out[-3000:]
+    assert elapsed < 150, f"the ranks took {elapsed:.0f} s to stop"  # includes start-up and 3 training steps
+    both = "\n".join(outs)
+    assert "different collectives" in both, both[-4000:]
+    for out in outs:  # each rank's own message names both ranks' phases
+        assert "rank 0 at train step" in out and "rank 1 at evaluation after step 3" in out, out[-3000:]
+    assert not (tmp_path / "out" / "merged").exists()
