@@ -460,8 +460,14 @@ def prepare_weights(cfg: ModelConfig, quant: QuantizationConfig, seed: int, zero
         return
     if quant.mode == "nf4":
         materialize_arch(source.path, seed)
-    elif zero3:
+    elif zero3 or _arch_from_disk(cfg, quant):
         materialize_arch(source.path, seed, dtype=torch.float32 if cfg.dtype == "fp32" else torch.bfloat16)
+
+
+def _arch_from_disk(cfg: ModelConfig, quant: QuantizationConfig) -> bool:
+    """Whether a random ``arch:`` base (not 4-bit) is loaded from its on-disk copy rather than built in memory."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return quant.mode != "nf4" and (_zero3_init() or (world > 1 and cfg.dtype != "fp32"))
 
 
 def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42, source: ModelSource | None = None,
@@ -484,9 +490,10 @@ def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42,
                 # bitsandbytes quantizes while loading weights: materialise the random model once on disk.
                 model_dir = materialize_arch(source.path, seed)
                 model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, **common)
-            elif _zero3_init():
-                # ZeRO-3 loads partitioned (zero.Init) through from_pretrained: the same weights as build_random's,
-                # saved once, so every strategy starts from identical parameters
+            elif _arch_from_disk(cfg, quant):
+                # ZeRO-3 loads partitioned (zero.Init) through from_pretrained, and several ranks of a 16-bit run
+                # each load the 16-bit copy instead of building the model in fp32 (2x the host memory per rank):
+                # the same weights as build_random's, saved once, so every strategy starts from identical parameters
                 dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16
                 model = AutoModelForCausalLM.from_pretrained(materialize_arch(source.path, seed, dtype=dtype),
                                                              use_safetensors=True, dtype=dtype, attn_implementation=attn)
@@ -758,15 +765,21 @@ def logits_bytes(config, tokens: int) -> int:
 
 
 def available_memory_bytes() -> int:
-    """Free GPU memory on the current device, else MemAvailable from /proc/meminfo (0 when unknown)."""
+    """Memory this process may plan with: free GPU memory on its device, else this rank's share of the host's
+    MemAvailable (/proc/meminfo divided by the ranks on this node, which all plan at the same time); 0 if unknown."""
     if torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info()
         return int(free)
+    local_ranks = 1
+    for name in ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE"):
+        if os.environ.get(name):
+            local_ranks = max(1, int(os.environ[name]))
+            break
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024 // local_ranks
     except OSError:
         pass
     return 0
@@ -821,6 +834,9 @@ def resolve_dtype_policy(policy: str) -> str:
     """``auto`` -> bf16-mixed on CUDA or on CPUs with fast bf16, fp32 elsewhere; other policies unchanged."""
     if policy != "auto":
         return policy
-    if torch.cuda.is_available() or cpu_has_fast_bf16():
+    if torch.cuda.is_available():
+        # bf16 needs Ampere or newer (V100 and T4 emulate it, several times slower than fp32)
+        return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    if cpu_has_fast_bf16():
         return "bf16-mixed"
     return "fp32"

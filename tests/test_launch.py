@@ -678,7 +678,8 @@ def test_accelerate_config_loads_with_accelerates_loader(path, monkeypatch):
             plugin = DeepSpeedPlugin()  # raises if the YAML sets what the JSON owns (e.g. mixed_precision)
         assert plugin.zero_stage == stage and plugin.zero3_init_flag == ("zero3" in name)
     if cfg.distributed_type.value == "FSDP":
-        assert cfg.fsdp_config["fsdp_use_orig_params"] is False and cfg.fsdp_config["fsdp_cpu_ram_efficient_loading"] is True
+        # FSDP2: the version that runs on CPU ranks too (tests/test_strategies.py) and shards per parameter
+        assert cfg.fsdp_config["fsdp_version"] == 2 and cfg.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
 
 
 def test_slurm_templates():
