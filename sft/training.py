@@ -124,14 +124,22 @@ def _masked_block(batch: int, seq_length: int) -> dict[str, torch.Tensor]:
 
 
 class _Collator:
-    """Stack constant-length blocks; drop position ids when the config says so."""
+    """Stack constant-length blocks; drop position ids when the config says so.
+
+    With position ids the packed documents are isolated (attention stays inside each), and then the label of each
+    document's first token is masked: after the model's label shift it would be predicted from the previous
+    document's EOS, a target across documents (as transformers' DataCollatorWithFlattening masks it). Without
+    them (the seed's packing, documents see each other) the stream is trained as it is."""
 
     def __init__(self, position_ids: bool):
         self.position_ids = position_ids
 
     def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         keys = [k for k in features[0] if self.position_ids or k != "position_ids"]
-        return {k: torch.stack([f[k] for f in features]) for k in keys}
+        batch = {k: torch.stack([f[k] for f in features]) for k in keys}
+        if self.position_ids and "labels" in batch:
+            batch["labels"] = batch["labels"].masked_fill(batch["position_ids"] == 0, IGNORE)
+        return batch
 
 
 # --------------------------------------------------------------------------------------------- accuracy
@@ -538,9 +546,12 @@ def train(cfg: RunConfig) -> RunSummary:
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
     # Steps per epoch from a tokenizing pass over this rank's shard; every rank takes the same number of steps
-    # (the smallest), so that no rank waits at a collective for a peer that ran out of data.
-    blocks = _count_blocks(cfg, tokenizer, train_src)
+    # (the smallest), so that no rank waits at a collective for a peer that ran out of data. With max_steps set
+    # and nothing scheduled per epoch the pass is skipped: the training stream is endless (epochs follow each
+    # other), so every rank has data for every step and the first step starts at once.
     per_step = cfg.training.per_device_train_batch_size * cfg.training.gradient_accumulation_steps
+    per_epoch = "epoch" in (cfg.training.eval_strategy, cfg.training.save_strategy)
+    blocks = _count_blocks(cfg, tokenizer, train_src) if cfg.training.max_steps <= 0 or per_epoch else per_step
     steps_per_epoch = dist.all_reduce_min_int(blocks // per_step)
     if steps_per_epoch < 1 and cfg.training.max_steps <= 0:
         raise DataError(

@@ -101,8 +101,8 @@ def test_overlong_policies_and_counts():
     s = PackingStats()
     blocks = list(pack_examples(examples, L, EOS, "truncate", s))
     flat = [t for b in blocks for t in b["input_ids"]]
-    # the overlong sample keeps its first seq_length - 1 tokens + EOS
-    truncated = [1] * 3 + [EOS] + [2] * 7 + [EOS] + [3] * 7 + [EOS] + [4] * 2 + [EOS]
+    # the overlong sample keeps its first seq_length tokens and no EOS (it did not end: no stop is taught)
+    truncated = [1] * 3 + [EOS] + [2] * 7 + [EOS] + [3] * 8 + [4] * 2 + [EOS]
     assert flat == truncated[:16] and s.dropped_tail_tokens == 7
     assert (s.overlong, s.truncated, s.skipped, s.documents, s.tokens) == (1, 1, 0, 4, 4 + 8 + 8 + 3)
 
@@ -307,3 +307,25 @@ def test_resume_against_a_changed_dataset_is_an_error():
     ds.load_state_dict({"epoch": 0, "row": len(WORD_ROWS) + 5, "skip_tokens": 3, "blocks": 5})
     with pytest.raises(DataError, match="cannot resume"):
         list(ds)
+
+
+def test_truncated_sample_ends_without_a_trained_eos():
+    """data.overlong=truncate used to append a labelled EOS after the cut, teaching the model to stop mid-answer."""
+    L = 8
+    blocks = list(pack_examples([([3] * 20, [3] * 20), ([4] * 2, [4] * 2)], L, EOS, "truncate"))
+    assert blocks[0]["input_ids"] == [3] * L and blocks[0]["labels"] == [3] * L
+    assert blocks[0]["position_ids"] == list(range(L))
+
+
+def test_first_token_of_each_packed_document_is_not_a_target():
+    """With isolated documents, doc 1's EOS must not be trained to predict doc 2's first token (the label shift
+    would make it a cross-document target); without isolation (position_ids off: the seed's packing) it stays."""
+    from sft.training import _Collator
+
+    block = next(pack_examples([([1] * 3, [1] * 3), ([2] * 4, [2] * 4)], 9, EOS, "split"))
+    feats = [{k: torch.tensor(v) for k, v in block.items()}]
+    labels = _Collator(position_ids=True)(feats)["labels"][0].tolist()
+    # position 0's label is never a target (the shift drops it); position 4 is doc 2's first token
+    assert labels[1:] == [1, 1, EOS, IGNORE_INDEX, 2, 2, 2, EOS]
+    assert feats[0]["labels"].tolist()[4] == 2  # the dataset's own tensors are not modified
+    assert _Collator(position_ids=False)(feats)["labels"][0].tolist()[4] == 2

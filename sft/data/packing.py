@@ -119,8 +119,14 @@ class Packer:
                 self.stats.skipped += 1
                 return 0
             if n < len(input_ids) + 1:
+                # truncated: its first n tokens and no EOS, so no stop is taught where the sample did not end
                 self.stats.truncated += 1
-                input_ids, labels = input_ids[: n - 1], labels[: n - 1]
+                self._ids.extend(input_ids[:n])
+                self._labels.extend(labels[:n])
+                self._pos.extend(range(n))
+                self.stats.documents += 1
+                self.stats.tokens += n
+                return n
         eos = self.eos_token_id
         self._ids.extend(input_ids)
         self._ids.append(eos)
@@ -176,7 +182,7 @@ def pack_examples(
     get the counts; they are complete once the generator is exhausted.
 
     ``overlong`` decides what happens to a sample that does not fit one block with its EOS: ``"split"`` lets it
-    span blocks, ``"truncate"`` keeps its first ``seq_length - 1`` tokens and the EOS, ``"skip"`` drops it.
+    span blocks, ``"truncate"`` keeps its first ``seq_length`` tokens and no EOS (it is cut, not ended), ``"skip"`` drops it.
     """
     packer = Packer(seq_length, eos_token_id, overlong, stats)
     for input_ids, labels in examples:
