@@ -741,6 +741,9 @@ def _training_arguments(cfg: RunConfig, ckpt_dir: Path, max_steps: int, eval_str
         dataloader_num_workers=0,
         ddp_timeout=cfg.training.dist_timeout_s,
         ddp_find_unused_parameters=False,
+        # the loss is sum(token losses) / labelled tokens of the whole optimizer step, over every rank and
+        # micro-batch: the same number whatever the world size (tests/test_distributed.py checks it)
+        average_tokens_across_devices=True,
         save_only_model=False,
         # the data cursor restores the stream position on resume; never replay (re-iterate) the seen batches
         ignore_data_skip=True,
