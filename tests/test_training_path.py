@@ -22,3 +22,42 @@ def test_max_steps_starts_without_counting_the_shard(sft, tmp_path, monkeypatch)
     r = sft(*train_args(tmp_path / "out2", tmp_path / "d", "training.max_steps=2", "training.save_strategy=epoch"))
     assert r.rc == 0, r.err[-3000:]
     assert calls, "save_strategy=epoch needs the steps per epoch"
+
+
+def test_eval_loss_equals_a_direct_computation_on_the_same_rows(sft, tmp_path):  # noqa: F811
+    """The summary's eval_loss is sum(token losses) / labelled tokens over the packed, isolated eval blocks:
+    recomputed here one row at a time with the model's own forward and cross-entropy (no packing, no sft code)."""
+    import json
+
+    import torch
+
+    from sft.config import ModelConfig
+    from sft.data.formatting import tokenize_example
+    from sft.models import build_random, load_tokenizer
+    from tests.test_distributed import fixed_length_rows
+
+    seq = 32
+    tok = load_tokenizer(ModelConfig(name="arch:tiny-llama"))
+    rows = fixed_length_rows(tok, 7, seq - 1, vary_prompt=True)  # each row + EOS is exactly one block
+    write_dataset(str(tmp_path / "train"), rows, progress=False)
+    write_dataset(str(tmp_path / "eval"), rows, progress=False)
+    args = train_args(tmp_path / "out", tmp_path / "train", f"data.seq_length={seq}", f"data.eval_path={tmp_path / 'eval'}",
+                      "training.eval_strategy=steps", "training.eval_steps=1", "training.learning_rate=0",
+                      "data.answer_only=true", "training.per_device_eval_batch_size=3")
+    args = [a for a in args if a not in ("data.eval_path=null", "training.eval_strategy=no")]
+    r = sft(*args)
+    assert r.rc == 0, r.err[-3000:]
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())["summary"]
+
+    model = build_random("tiny-llama", 42).eval()  # lr 0: the adapter is still the identity (lora_B = 0)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            ids, labels = tokenize_example(tok, row["question"], row["answer"], answer_only=True)
+            ids, labels = ids + [tok.eos_token_id], labels + [tok.eos_token_id]
+            logits = model(torch.tensor([ids])).logits[0, :-1].double()
+            target = torch.tensor(labels[1:])
+            keep = target != -100
+            total += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
+            count += int(keep.sum())
+    assert s["eval_loss"] == __import__("pytest").approx(total / count, rel=1e-5)
