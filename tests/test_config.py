@@ -33,6 +33,11 @@ def test_seed_recipe_matches_the_seed():
     assert cfg.training.warmup_steps == 10 and cfg.training.weight_decay == 0.05
     assert cfg.training.num_epochs == 10 and cfg.model.dtype == "bf16-mixed"
     assert cfg.training.eval_strategy == cfg.training.save_strategy == "epoch"
+    # the seed evaluated every epoch on a test split and kept OPT's own dropout in the frozen base
+    assert cfg.data.eval_path and cfg.data.eval_path != cfg.data.path
+    from sft.models import arch_config
+
+    assert cfg.model.dropout is None and arch_config("opt-1.3b").dropout == 0.1
 
 
 def test_every_field_is_documented():
