@@ -8,12 +8,17 @@ need (sum of len^2 instead of L^2). Here the block is cut into its documents and
 attention, without a mask and without the masked work. The same boundaries also isolate documents for models
 whose mask ignores position ids (OPT).
 
-Used while training (module.training) with position ids and no KV cache; everything else (generation with
-padding and a cache, evaluation) goes to transformers' own SDPA path with its mask. On CUDA, FlashAttention-2's
-varlen kernel (``model.attn_implementation=flash_attention_2``) is the tool for this; this module is for CPUs.
+Used on packed blocks: while training (module.training), and in sft's evaluation, which runs its forwards
+inside :func:`packed_blocks`; always with position ids and no KV cache. Everything else (generation with padding
+and a cache) goes to transformers' own SDPA path with its mask. It runs on CPU and CUDA alike; on CUDA,
+FlashAttention-2's varlen kernel (``model.attn_implementation=flash_attention_2``, with the flash-attn package)
+does the same in one kernel.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,19 @@ NAME = "sft_varlen"
 # packed documents are already isolated under plain sdpa.
 MASK_ISOLATES_PACKED = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3", "gemma",
                                   "gemma2", "gemma3_text", "mixtral", "granite"})
+
+
+_packed = contextvars.ContextVar("sft_packed_blocks", default=False)
+
+
+@contextlib.contextmanager
+def packed_blocks():
+    """Forwards inside this context (outside training, e.g. evaluation) are on packed blocks: isolate documents."""
+    token = _packed.set(True)
+    try:
+        yield
+    finally:
+        _packed.reset(token)
 
 
 def document_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -46,7 +64,7 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
 
     pos = kwargs.get("position_ids")
     L = query.shape[2]
-    if (pos is None or not module.training or key.shape[2] != L or pos.shape[-1] != L
+    if (pos is None or not (module.training or _packed.get()) or key.shape[2] != L or pos.shape[-1] != L
             or kwargs.get("output_attentions") or getattr(module, "is_causal", True) is False):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)

@@ -432,9 +432,10 @@ def quantized_weight_names(config, q: QuantizationConfig) -> set[str]:
 
 
 def resolve_attention(name: str, model_type: str | None = None) -> str:
-    """``auto`` -> sdpa on CUDA and for model types whose SDPA mask already isolates packed documents (Llama
-    family: transformers builds a block-diagonal mask from the position ids); sft_varlen on CPU for the others
-    (OPT), whose own mask lets packed documents attend to each other. Registers sft_varlen when it is used.
+    """``auto`` -> sdpa for model types whose SDPA mask already isolates packed documents (Llama family:
+    transformers builds a block-diagonal mask from the position ids); sft_varlen (per-document SDPA, CPU and CUDA)
+    for the others (OPT), whose own mask lets packed documents attend to each other. Registers sft_varlen when it
+    is used.
 
     Measured (`sft bench --matrix cpu`, 8 x 512, fp32, this 2-core machine): on OPT-125m sft_varlen isolates
     documents at no cost in speed; on SmolLM2-135M it halved the attention kernels' time in a profile (1.34 s
@@ -443,8 +444,9 @@ def resolve_attention(name: str, model_type: str | None = None) -> str:
     from sft.attention import MASK_ISOLATES_PACKED
 
     if name == "auto":
-        cpu = not torch.cuda.is_available()
-        name = "sft_varlen" if cpu and model_type is not None and model_type not in MASK_ISOLATES_PACKED else "sdpa"
+        # every device: a model whose own mask lets packed documents see each other (OPT) needs per-document
+        # attention, on CUDA too (its sdpa ignores position ids exactly as on CPU)
+        name = "sft_varlen" if model_type is not None and model_type not in MASK_ISOLATES_PACKED else "sdpa"
     if name == "sft_varlen":
         from sft.attention import register
 

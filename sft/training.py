@@ -371,6 +371,8 @@ def _make_trainer_class():
             and skips it otherwise, and the loss is sum(token losses) / labelled tokens over all ranks."""
             from torch.utils.data import DataLoader
 
+            from sft.attention import packed_blocks
+
             ds = eval_dataset if eval_dataset is not None else self.eval_dataset
             dist.set_phase("eval", self.state.global_step)
             start = time.time()
@@ -398,7 +400,7 @@ def _make_trainer_class():
                     elif dummy is None:
                         dummy = {k: (torch.full_like(v, IGNORE) if k == "labels" else v.clone()) for k, v in batch.items()}
                     inputs = self._prepare_inputs(batch)
-                    with self.compute_loss_context_manager():
+                    with self.compute_loss_context_manager(), packed_blocks():
                         loss = model(**inputs).loss
                     n = int((batch["labels"][:, 1:] != IGNORE).sum())
                     if n:

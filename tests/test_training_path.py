@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sft.data.ingest import write_dataset
 from tests.test_bad_input import sft, train_args  # noqa: F401  (the in-process CLI fixture)
 
@@ -24,9 +26,12 @@ def test_max_steps_starts_without_counting_the_shard(sft, tmp_path, monkeypatch)
     assert calls, "save_strategy=epoch needs the steps per epoch"
 
 
-def test_eval_loss_equals_a_direct_computation_on_the_same_rows(sft, tmp_path):  # noqa: F811
-    """The summary's eval_loss is sum(token losses) / labelled tokens over the packed, isolated eval blocks:
-    recomputed here one row at a time with the model's own forward and cross-entropy (no packing, no sft code)."""
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-opt"])
+def test_eval_loss_equals_a_direct_computation_on_the_same_rows(sft, tmp_path, arch):  # noqa: F811
+    """The summary's eval_loss is sum(token losses) / labelled tokens over the packed, isolated eval blocks (two
+    documents per block): recomputed here one row at a time with the model's own forward and cross-entropy (no
+    packing, no sft code). OPT's own mask ignores position ids, so this also checks that evaluation isolates the
+    packed documents (it fell back to the model's attention before)."""
     import json
 
     import torch
@@ -36,12 +41,12 @@ def test_eval_loss_equals_a_direct_computation_on_the_same_rows(sft, tmp_path): 
     from sft.models import build_random, load_tokenizer
     from tests.test_distributed import fixed_length_rows
 
-    seq = 32
-    tok = load_tokenizer(ModelConfig(name="arch:tiny-llama"))
-    rows = fixed_length_rows(tok, 7, seq - 1, vary_prompt=True)  # each row + EOS is exactly one block
+    seq = 64
+    tok = load_tokenizer(ModelConfig(name=f"arch:{arch}"))
+    rows = fixed_length_rows(tok, 8, seq // 2 - 1, vary_prompt=True)  # two rows (+ EOS each) fill one block
     write_dataset(str(tmp_path / "train"), rows, progress=False)
     write_dataset(str(tmp_path / "eval"), rows, progress=False)
-    args = train_args(tmp_path / "out", tmp_path / "train", f"data.seq_length={seq}", f"data.eval_path={tmp_path / 'eval'}",
+    args = train_args(tmp_path / "out", tmp_path / "train", f"model=arch:{arch}", f"data.seq_length={seq}", f"data.eval_path={tmp_path / 'eval'}",
                       "training.eval_strategy=steps", "training.eval_steps=1", "training.learning_rate=0",
                       "data.answer_only=true", "training.per_device_eval_batch_size=3")
     args = [a for a in args if a not in ("data.eval_path=null", "training.eval_strategy=no")]
@@ -49,7 +54,7 @@ def test_eval_loss_equals_a_direct_computation_on_the_same_rows(sft, tmp_path): 
     assert r.rc == 0, r.err[-3000:]
     s = json.loads((tmp_path / "out" / "summary.json").read_text())["summary"]
 
-    model = build_random("tiny-llama", 42).eval()  # lr 0: the adapter is still the identity (lora_B = 0)
+    model = build_random(arch, 42).eval()  # lr 0: the adapter is still the identity (lora_B = 0)
     total, count = 0.0, 0
     with torch.no_grad():
         for row in rows:
@@ -60,4 +65,4 @@ def test_eval_loss_equals_a_direct_computation_on_the_same_rows(sft, tmp_path): 
             keep = target != -100
             total += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
             count += int(keep.sum())
-    assert s["eval_loss"] == __import__("pytest").approx(total / count, rel=1e-5)
+    assert s["eval_loss"] == pytest.approx(total / count, rel=1e-5)
