@@ -3,7 +3,7 @@
 Skipped unless deepspeed is installed. The oneCCL test also needs a oneCCL prefix in $CCL_ROOT (lib/libccl.so +
 include/oneapi/ccl.hpp) and the deepspeed_ccl_comm op already JIT-built (the first build takes ~3 min on 2 cores:
 run `python benchmarks/allreduce_backends.py --backends ds-ccl --sizes-mb 1 --rounds 1` once); the shared-memory
-test needs deepspeed_shm_comm built (any DeepSpeed init on CPU builds it). Each test runs in well under 60 s then.
+test builds deepspeed_shm_comm on first use if no earlier DeepSpeed init did (then allowing up to 400 s).
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ def _ccl_root() -> str | None:
     return None
 
 
-def _run(backend: str, tmp_path: Path) -> dict:
+def _run(backend: str, tmp_path: Path, limit: int = 55) -> dict:
     out = tmp_path / "r.json"
     cmd = [sys.executable, str(SCRIPT), "--backends", backend, "--sizes-mb", "1", "--iters", "2", "--warmup", "1",
-           "--rounds", "1", "--timeout", "55", "--output", "", "--json", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+           "--rounds", "1", "--timeout", str(limit), "--output", "", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit + 5)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(out.read_text())
     assert backend not in data["errors"], data["errors"].get(backend, {}).get("detail")
@@ -57,8 +57,8 @@ def test_deepspeed_ccl_allreduce_two_ranks(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _op_built("deepspeed_shm_comm"), reason="deepspeed_shm_comm not JIT-built yet (~3 min)")
 def test_deepspeed_shm_allreduce_two_ranks(tmp_path):
-    res = _run("ds-shm", tmp_path)
+    # the first DeepSpeed init on CPU JIT-builds deepspeed_shm_comm (~30 s to ~3 min on 2 cores): allow for it
+    res = _run("ds-shm", tmp_path, limit=55 if _op_built("deepspeed_shm_comm") else 400)
     assert all(res["checks"].values()), res["checks"]
     assert res["paths"]["fp32:1"] == "shm"  # the fp32 kernel only needs avx2
