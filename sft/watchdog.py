@@ -182,13 +182,22 @@ def stop_watchdog() -> None:
         _watchdog = None
 
 
+def _looks_distributed(error: BaseException) -> bool:
+    """A failed or timed-out collective (torch's DistError family, or the gloo / NCCL transport errors)."""
+    if isinstance(error, getattr(tdist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return any(w in text for w in ("gloo", "nccl", "connection closed", "connection reset", "timed out", "broken pipe",
+                                   "collective"))
+
+
 def explain_failure(error: BaseException) -> None:
     """Called when a collective failed: give the watchdog time to find and name a dead or desynchronised peer (it
     then exits this process with a message naming it). Returns if every peer is alive and in step, so the caller
     re-raises ``error``; the phases of every rank are printed first."""
     wd = _watchdog
-    if wd is None:
-        return
+    if wd is None or not _looks_distributed(error):
+        return  # an ordinary error (a bug, bad input) is re-raised at once
     deadline = time.time() + max(wd.stale_after, min(wd.desync_after, 30.0)) + 3 * wd.interval
     while time.time() < deadline and wd.thread.is_alive():
         time.sleep(wd.interval / 2)

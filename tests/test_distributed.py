@@ -105,17 +105,23 @@ def summary(path: Path) -> dict:
     return json.loads((path / "summary.json").read_text())["summary"]
 
 
+def two_ranks_and_one(work: Path, common: list[str], b: int, data2: str, data1: str, out2: str, out1: str) -> str:
+    """Train 2 ranks with batch ``b`` on ``data2`` and 1 rank with batch ``2b`` on ``data1``; the 2-rank output."""
+    p2 = launch(*common, f"data.path={work / data2}", f"training.per_device_train_batch_size={b}",
+                f"training.output_dir={work / out2}", cwd=work)
+    text = finish(p2)
+    assert p2.returncode == 0, text[-4000:]
+    one = subprocess.run([sys.executable, *common, f"data.path={work / data1}",
+                          f"training.per_device_train_batch_size={2 * b}", f"training.output_dir={work / out1}"],
+                         cwd=work, env=env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    return text
+
+
 def test_two_ranks_match_one_rank_and_merge_once(datasets):
     work, b, steps, seq = datasets
     common = [*TRAIN, f"data.seq_length={seq}", f"training.max_steps={steps}", "training.max_grad_norm=1.0"]
-    p2 = launch(*common, f"data.path={work / 'two'}", f"training.per_device_train_batch_size={b}",
-                f"training.output_dir={work / 'out2'}", cwd=work)
-    out2 = finish(p2)
-    assert p2.returncode == 0, out2[-4000:]
-    one = subprocess.run([sys.executable, *common, f"data.path={work / 'one'}",
-                          f"training.per_device_train_batch_size={2 * b}", f"training.output_dir={work / 'out1'}"],
-                         cwd=work, env=env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-4000:]
+    out2 = two_ranks_and_one(work, common, b, "two", "one", "out2", "out1")
     s1, s2 = summary(work / "out1"), summary(work / "out2")
     assert s2["world_size"] == 2 and s2["backend"] == "gloo"
     assert s1["world_size"] == 1
@@ -211,14 +217,7 @@ def test_uneven_label_counts_give_the_same_loss_and_adapter_on_one_and_two_ranks
     write_dataset(str(work / "ao-one"), one, progress=False)
     common = [*TRAIN, f"data.seq_length={seq}", f"training.max_steps={steps}", "data.answer_only=true",
               f"training.gradient_accumulation_steps={gas}", "training.merge=false", "training.max_grad_norm=0"]
-    p2 = launch(*common, f"data.path={work / 'ao-two'}", f"training.per_device_train_batch_size={b}",
-                f"training.output_dir={work / 'ao-out2'}", cwd=work)
-    out2 = finish(p2)
-    assert p2.returncode == 0, out2[-4000:]
-    r1 = subprocess.run([sys.executable, *common, f"data.path={work / 'ao-one'}",
-                         f"training.per_device_train_batch_size={2 * b}", f"training.output_dir={work / 'ao-out1'}"],
-                        cwd=work, env=env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=600)
-    assert r1.returncode == 0, r1.stderr[-4000:]
+    two_ranks_and_one(work, common, b, "ao-two", "ao-one", "ao-out2", "ao-out1")
     l1, l2 = summary(work / "ao-out1")["loss_history"], summary(work / "ao-out2")["loss_history"]
     assert len(l1) == len(l2) == steps
     for step, (a, c) in enumerate(zip(l1, l2)):
