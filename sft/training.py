@@ -548,12 +548,10 @@ def train(cfg: RunConfig) -> RunSummary:
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
     # Steps per epoch from a tokenizing pass over this rank's shard; every rank takes the same number of steps
-    # (the smallest), so that no rank waits at a collective for a peer that ran out of data. With max_steps set
-    # and nothing scheduled per epoch the pass is skipped: the training stream is endless (epochs follow each
-    # other), so every rank has data for every step and the first step starts at once.
+    # (the smallest), so that no rank waits at a collective for a peer that ran out of data. The same pass reports
+    # overlong samples before any work, so it also runs when max_steps is set.
     per_step = cfg.training.per_device_train_batch_size * cfg.training.gradient_accumulation_steps
-    per_epoch = "epoch" in (cfg.training.eval_strategy, cfg.training.save_strategy)
-    blocks = _count_blocks(cfg, tokenizer, train_src) if cfg.training.max_steps <= 0 or per_epoch else per_step
+    blocks = _count_blocks(cfg, tokenizer, train_src)
     steps_per_epoch = dist.all_reduce_min_int(blocks // per_step)
     if steps_per_epoch < 1 and cfg.training.max_steps <= 0:
         raise DataError(
