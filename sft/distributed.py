@@ -179,22 +179,17 @@ def init_process_group_if_needed(timeout_s: int = DEFAULT_TIMEOUT_S, device: str
     cpu = not str(device).startswith("cuda")
     backend = choose_backend(device)
     ds_ccl = cpu and backend == "ds-ccl"
-    if ds_ccl:
-        # ACCELERATE_USE_CPU makes accelerate ignore the DEEPSPEED config (MULTI_CPU DDP over gloo, silently)
-        if os.environ.pop("ACCELERATE_USE_CPU", None) is not None:
-            import sys
-
-            print("sft: backend ds-ccl: removed ACCELERATE_USE_CPU from the environment (it would turn the "
-                  "DeepSpeed run into plain DDP over gloo)", file=sys.stderr, flush=True)
-    elif cpu and deepspeed_launch():
+    if ds_ccl or (cpu and deepspeed_launch()):
         # DeepSpeed on CPU: ACCELERATE_USE_CPU (and TrainingArguments.use_cpu) would make accelerate drop the
         # DeepSpeed config and train plain DDP, silently. DeepSpeed's own CPU accelerator is selected instead.
         if os.environ.pop("ACCELERATE_USE_CPU", None) is not None:
             import sys
 
-            print("sft: DeepSpeed launch on CPU: removed ACCELERATE_USE_CPU from the environment (it would turn "
-                  "the DeepSpeed run into plain DDP)", file=sys.stderr, flush=True)
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            why = "backend ds-ccl" if ds_ccl else "DeepSpeed launch on CPU"
+            print(f"sft: {why}: removed ACCELERATE_USE_CPU from the environment (it would turn the DeepSpeed run "
+                  "into plain DDP)", file=sys.stderr, flush=True)
+        if not ds_ccl:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # ds-ccl checks and sets it itself
     elif cpu:
         os.environ["ACCELERATE_USE_CPU"] = "true"
         if fsdp_launch():

@@ -318,12 +318,11 @@ def sharded_launch() -> str | None:
     own ZeRO-3 flag (set once a TrainingArguments with a ZeRO-3 config exists)."""
     import json as _json
 
-    def truthy(name: str) -> bool:
-        return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+    from sft.distributed import deepspeed_launch, fsdp_launch
 
-    if truthy("ACCELERATE_USE_FSDP"):
+    if fsdp_launch():
         return "FSDP"
-    if truthy("ACCELERATE_USE_DEEPSPEED"):
+    if deepspeed_launch():
         stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "").strip()
         if not stage and os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
             try:
@@ -772,11 +771,9 @@ def available_memory_bytes() -> int:
     if torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info()
         return int(free)
-    local_ranks = 1
-    for name in ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE"):
-        if os.environ.get(name):
-            local_ranks = max(1, int(os.environ[name]))
-            break
+    from sft.distributed import dist_info
+
+    local_ranks = max(1, dist_info().local_world_size)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
