@@ -377,7 +377,7 @@ RESUME_KEYS = {
     "data.answer_only": "the data cursor counts tokens of this formatting",
     "data.overlong": "the data cursor counts tokens after this policy",
     "data.shuffle": "the data order",
-    "data.read_batch": "the data order (rows are shuffled within read blocks)",
+    "data.order": "the data cursor is a position in this row order",
     "data.train_rows": "the data cursor points into this dataset",
     "training.seed": "the data order and the initial adapter",
     "training.per_device_train_batch_size": "the data cursor counts blocks per step",
@@ -390,6 +390,16 @@ RESUME_KEYS = {
 #: Files that hold the optimizer state of a checkpoint, by ``optimizer_format`` (DeepSpeed and FSDP write their own:
 #: DeepSpeed a ``latest`` tag and ``global_stepN/`` of torch files, FSDP2 torch.distributed.checkpoint shards).
 ENGINE_FILES = {"deepspeed": ("latest", "scheduler.pt"), "fsdp": ("scheduler.pt",)}
+
+
+#: What a checkpoint that predates a key meant by it (checkpoints written before the key existed).
+_BEFORE_KEY = {"data.order": "block-shuffle (sft before the global permutation)"}
+
+
+def _data_order() -> str:
+    from sft.data.source import ORDER
+
+    return ORDER
 
 
 def optimizer_format() -> str:
@@ -406,11 +416,11 @@ def resume_meta(cfg, world_size: int, train_rows: int) -> dict[str, Any]:
         "quantization.mode": cfg.quantization.mode, "lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha,
         "lora.target_modules": list(cfg.lora.target_modules), "data.seq_length": cfg.data.seq_length,
         "data.template": cfg.data.template, "data.answer_only": cfg.data.answer_only,
-        "data.overlong": cfg.data.overlong, "data.shuffle": cfg.data.shuffle, "data.read_batch": cfg.data.read_batch,
+        "data.overlong": cfg.data.overlong, "data.shuffle": cfg.data.shuffle,
         "data.train_rows": train_rows, "training.seed": cfg.training.seed,
         "training.per_device_train_batch_size": cfg.training.per_device_train_batch_size,
         "training.gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
-        "world_size": world_size, "optimizer_format": optimizer_format(),
+        "world_size": world_size, "optimizer_format": optimizer_format(), "data.order": _data_order(),
     }
     return {"keys": flat, "data.path": cfg.data.path}
 
@@ -421,9 +431,9 @@ def check_meta(path: str | Path, current: dict[str, Any]) -> None:
     saved = json.loads((path / RESUME_META).read_text())
     problems = []
     for key, why in RESUME_KEYS.items():
-        if key not in saved["keys"]:
+        a, b = saved["keys"].get(key, _BEFORE_KEY.get(key)), current["keys"].get(key)
+        if a is None and key not in saved["keys"]:
             continue
-        a, b = saved["keys"][key], current["keys"].get(key)
         if a != b:
             if key == "world_size":
                 problems.append(f"world size: the checkpoint was written by {a} rank(s), this run has {b} ({why}); "

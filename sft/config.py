@@ -126,8 +126,12 @@ class DataConfig:
     overlong: Literal["split", "truncate", "skip"] = _f(
         "split", "A sample longer than seq_length is split across blocks, truncated, or skipped (counted)."
     )
-    shuffle: bool = _f(True, "Seeded shuffle of rows each epoch (contiguous blocks, then rows within blocks).")
+    shuffle: bool = _f(True, "Each epoch a seeded permutation of the whole dataset, split across the ranks.")
     read_batch: int = _f(256, "Rows read from Deep Lake at a time.", min=1)
+    length_cache: Optional[str] = _f(
+        "auto", "Where rows' token counts are cached (per dataset version, tokenizer, template): auto = "
+        "$SFT_CACHE_DIR/lengths or ~/.cache/sft/lengths; a folder; null to count every run."
+    )
     position_ids: bool = _f(
         True, "Pass per-document position ids (restart at each packed sample) to the model."
     )

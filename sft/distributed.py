@@ -323,6 +323,17 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out.cpu()
 
 
+def all_gather_concat(part):
+    """Every rank's 1-D numpy array ``part``, concatenated in rank order, on every rank (sizes may differ)."""
+    import numpy as np
+
+    if not is_initialized() or dist.get_world_size() == 1:
+        return part
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return np.concatenate(parts)
+
+
 def run_metadata() -> dict:
     """Facts to store with run outputs: backend, world size, threads per rank, pinning."""
     info = dist_info()

@@ -59,6 +59,8 @@ class RunSummary:
     model_tflops_per_s: float = float("nan")
     paths: dict[str, str] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    data_counting: str = ""  # how steps per epoch were found: counted, cached (length cache) or skipped (max_steps)
+    packing: dict = field(default_factory=dict)  # rank 0's packing counts over the blocks it built in training
 
     @property
     def trainable_percent(self) -> float:
@@ -97,14 +99,6 @@ def _packed(cfg: RunConfig, tokenizer, source, infinite: bool):
         rows_fn=source.iter_rows, tokenizer=tokenizer, template=cfg.data.template, seq_length=cfg.data.seq_length,
         answer_only=cfg.data.answer_only, overlong=cfg.data.overlong, infinite=infinite,
     )
-
-
-def _count_blocks(cfg: RunConfig, tokenizer, source) -> int:
-    from sft.data.packing import count_blocks
-
-    stats = count_blocks(source.iter_rows(0), tokenizer, cfg.data.template, cfg.data.seq_length,
-                         answer_only=cfg.data.answer_only, overlong=cfg.data.overlong)
-    return stats.blocks
 
 
 def uses_bf16(cfg: RunConfig) -> bool:
@@ -547,27 +541,27 @@ def train(cfg: RunConfig) -> RunSummary:
     dist.barrier()
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
-    # Steps per epoch from a tokenizing pass over this rank's shard; every rank takes the same number of steps
-    # (the smallest), so that no rank waits at a collective for a peer that ran out of data. The same pass reports
-    # overlong samples before any work, so it also runs when max_steps is set.
+    # Steps per epoch (every rank takes the same number: the smallest share) and whether evaluation has data,
+    # from the rows' token lengths: cached per dataset version and tokenizer, counted once otherwise, not needed
+    # when max_steps is set (sft.data.steps).
+    from sft.data.steps import plan_steps
+
     per_step = cfg.training.per_device_train_batch_size * cfg.training.gradient_accumulation_steps
-    blocks = _count_blocks(cfg, tokenizer, train_src)
-    steps_per_epoch = dist.all_reduce_min_int(blocks // per_step)
-    if steps_per_epoch < 1 and cfg.training.max_steps <= 0:
+    plan = plan_steps(cfg, tokenizer, train_src, eval_src, per_step, world)
+    summary.data_counting = plan.counting
+    steps_per_epoch = plan.steps_per_epoch or 0
+    if plan.steps_per_epoch is not None and steps_per_epoch < 1 and cfg.training.max_steps <= 0:
         raise DataError(
-            f"data.path: one epoch of this rank's shard packs into {blocks} blocks of {cfg.data.seq_length} tokens, "
-            f"fewer than one optimizer step needs ({per_step}); lower data.seq_length or the batch size, or add data"
+            f"data.path: one epoch of the smallest rank's share packs into fewer blocks of {cfg.data.seq_length} "
+            f"tokens than one optimizer step needs ({per_step}); lower data.seq_length or the batch size, or add data"
         )
     max_steps = cfg.training.max_steps if cfg.training.max_steps > 0 else math.ceil(cfg.training.num_epochs * steps_per_epoch)
 
     eval_dataset = None
-    if eval_src is not None and cfg.training.eval_strategy != "no":
-        # One decision for all ranks (a rank whose shard packs into no block still joins every evaluation).
-        if dist.all_reduce_max_flag(_count_blocks(cfg, tokenizer, eval_src) >= 1):
-            eval_dataset = _packed(cfg, tokenizer, eval_src, infinite=False)
-        elif dist.is_main_process():
-            log.warning("data.eval_path holds less than one block of tokens: evaluation loss is skipped")
-
+    if plan.has_eval:
+        eval_dataset = _packed(cfg, tokenizer, eval_src, infinite=False)
+    elif eval_src is not None and cfg.training.eval_strategy != "no" and dist.is_main_process():
+        log.warning("data.eval_path holds less than one block of tokens: evaluation loss is skipped")
 
     def interval(strategy: str, steps: int) -> tuple[str, int]:
         if strategy == "epoch":
@@ -604,6 +598,7 @@ def train(cfg: RunConfig) -> RunSummary:
     timer = StepTimer(tokens_per_step=per_step * cfg.data.seq_length * world)
     losses: list[float] = []
     train_dataset = _packed(cfg, tokenizer, train_src, infinite=True)
+    train_dataset.report_overlong = plan.counting == "skipped"  # else the counting pass reported them already
 
     def checkpoint_extras(directory: Path) -> None:
         # every checkpoint-N carries sft_base.json, so `sft merge --adapter .../checkpoint-N` works, and what a
@@ -657,6 +652,7 @@ def train(cfg: RunConfig) -> RunSummary:
         raise
     summary.train_seconds = time.perf_counter() - t_train
     summary.steps = int(result.global_step)
+    summary.packing = asdict(train_dataset.stats)
     summary.tokens = summary.steps * timer.tokens_per_step
     timing = timer.summary()
     summary.tokens_per_s = timing["tokens_per_s"]

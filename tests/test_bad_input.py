@@ -330,13 +330,30 @@ def test_overlong_policies_count_and_report(overlong_ds, caplog, policy, counts,
 
 
 def test_overlong_count_is_reported_by_train(sft, tmp_path, caplog):
+    """Training by epochs counts every row before the first step: the report covers the whole dataset."""
     ds = tmp_path / "ds"
     write_dataset(str(ds), qa_rows(12, long_every=4), progress=False)
     with caplog.at_level("WARNING", logger="sft.data.packing"):
-        r = sft(*train_args(tmp_path / "out", ds, "data.overlong=skip"))
+        r = sft(*train_args(tmp_path / "out", ds, "data.overlong=skip", "training.max_steps=-1",
+                            "training.num_epochs=1"))
     assert r.rc == 0, r.err
     assert any("data.overlong=skip: 3 of 12 samples have more tokens than data.seq_length=32 allows" in m
                and "(3 skipped)" in m for m in caplog.messages), caplog.messages
+
+
+def test_overlong_met_in_training_is_reported_when_counting_is_skipped(sft, tmp_path, caplog):
+    """With max_steps set no counting pass runs: the first overlong sample training meets is reported, and the
+    summary counts those it met."""
+    ds = tmp_path / "ds"
+    write_dataset(str(ds), qa_rows(12, long_every=4), progress=False)
+    with caplog.at_level("WARNING", logger="sft.data.packing"):
+        r = sft(*train_args(tmp_path / "out", ds, "data.overlong=skip", "training.max_steps=2"))
+    assert r.rc == 0, r.err
+    assert any("data.overlong=skip: the sample at position" in m and "it was skipped" in m
+               for m in caplog.messages), caplog.messages
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["summary"]
+    assert summary["data_counting"] == "skipped"
+    assert summary["packing"]["skipped"] >= 1 and summary["packing"]["overlong"] == summary["packing"]["skipped"]
 
 
 def test_every_sample_skipped_is_an_error(sft, tmp_path):

@@ -50,7 +50,8 @@ def _raw(path: str, columns: dict[str, object], data: dict[str, list]) -> str:
 
 
 class _Spy:
-    """Wraps a Deep Lake dataset and records every column slice read through it."""
+    """Wraps a Deep Lake dataset and records every column read through it: ``(column, start, stop)`` for a slice,
+    ``(column, [rows])`` for a list of row indices."""
 
     def __init__(self, ds):
         self.ds, self.reads = ds, []
@@ -60,7 +61,7 @@ class _Spy:
 
         class _Col:
             def __getitem__(self, s):
-                spy.reads.append((column, s.start, s.stop))
+                spy.reads.append((column, s.start, s.stop) if isinstance(s, slice) else (column, list(s)))
                 return col[s]
 
         return _Col()
@@ -137,18 +138,45 @@ def test_shuffled_order_permutation_deterministic_and_per_epoch(ds_path):
     assert e1 != e0 and sorted(e1) == sorted(e0)  # a different order per epoch
     other_seed = _qa(ShardedSource(ds_path, seed=8, read_batch=16).iter_rows(0))
     assert other_seed != e0
-    # Rows are permuted inside blocks too, not only the block order.
-    first_block = [int(q[1:]) for q, _ in e0[:16]]
-    assert first_block != sorted(first_block)
+    # Rows of one read come from all over the dataset, not from one run of consecutive rows.
+    first_read = sorted(int(q[1:]) for q, _ in e0[:16])
+    assert first_read[-1] - first_read[0] > 16
 
 
-def test_shuffled_reads_only_contiguous_blocks(ds_path):
+def _sorted_by_source(n_sources: int, per_source: int) -> list[dict[str, str]]:
+    return [{"question": f"q{s}-{i}", "answer": f"a{s}-{i}", "source": f"src{s}"}
+            for s in range(n_sources) for i in range(per_source)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_sees_every_source_of_a_sorted_dataset(tmp_path, world):
+    """A dataset ingested sorted by source: within each epoch every rank draws from every source, the ranks
+    together read each row exactly once, and the split changes between epochs."""
+    rows = _sorted_by_source(4, 30)
+    path = str(tmp_path / "sorted")
+    write_dataset(path, rows, progress=False)
+    source_of = {r["question"]: r["source"] for r in rows}
+    splits = []
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(world):
+            got = [r["question"] for r in ShardedSource(path, rank=rank, world_size=world, seed=11,
+                                                        read_batch=16).iter_rows(epoch)]
+            assert {source_of[q] for q in got} == {"src0", "src1", "src2", "src3"}, (epoch, rank)
+            seen.append(got)
+        assert sorted(q for got in seen for q in got) == sorted(source_of)  # each row once per epoch
+        splits.append([set(got) for got in seen])
+    assert splits[0] != splits[1]  # not a fixed sub-population per rank
+
+
+def test_shuffled_reads_are_batches_of_row_lists(ds_path):
     src = ShardedSource(ds_path, seed=1, read_batch=16)
     spy = _Spy(src._dataset())
     src._ds = spy
     list(src.iter_rows(0))
-    q_reads = [(s, e) for c, s, e in spy.reads if c == "question"]
-    assert sorted(q_reads) == [(s, min(s + 16, N)) for s in range(0, N, 16)]  # each block read once, whole
+    q_reads = [r[1] for r in spy.reads if r[0] == "question"]
+    assert [len(r) for r in q_reads] == [16] * (N // 16) + [N % 16]  # read_batch rows per read
+    assert sorted(i for r in q_reads for i in r) == list(range(N))  # each row read once
 
 
 @pytest.mark.parametrize("shuffle", [False, True])

@@ -254,6 +254,9 @@ class PackedDataset(torch.utils.data.IterableDataset):
         self.batch_rows = batch_rows
         self.formatter = Formatter(tokenizer, template, answer_only)
         self.stats = PackingStats()
+        #: warn at the first overlong sample met (set when no counting pass reported them before training)
+        self.report_overlong = False
+        self._reported = False
         self._cursor = (0, 0, 0)  # (epoch, row, skip_tokens)
         self._blocks = 0
         self._history: deque[tuple[int, tuple[int, int, int]]] = deque(maxlen=max(1, history))
@@ -329,7 +332,16 @@ class PackedDataset(torch.utils.data.IterableDataset):
             row, added = start, 0
             for batch in _batched(iter(self.rows_fn(epoch, start)), self.batch_rows):
                 for ids, labels in self.formatter.rows(batch):
+                    before = self.stats.overlong
                     n = packer.add(ids, labels)
+                    if self.report_overlong and self.stats.overlong > before and not self._reported:
+                        self._reported = True
+                        log.warning(
+                            "data.overlong=%s: the sample at position %d of epoch %d has %d tokens, more than data.seq_length=%d allows "
+                            "(with its EOS); it was %s. Samples are counted as training meets them (the counting "
+                            "pass did not run: training.max_steps is set); summary.json has the count",
+                            self.overlong, row, epoch, len(ids), L,
+                            {"split": "split across blocks", "truncate": "truncated", "skip": "skipped"}[self.overlong])
                     if skip:  # resuming inside this row: its first `skip` tokens were emitted before
                         if skip >= n:
                             raise DataError(
@@ -348,6 +360,8 @@ class PackedDataset(torch.utils.data.IterableDataset):
                     f"cannot resume: epoch {epoch} has no row {start} any more; the dataset changed since the checkpoint"
                 )
             if start == 0 and added == 0:
+                if self.stats.skipped and not self.stats.documents:
+                    raise all_skipped_error(self.stats.skipped, L)
                 raise DataError(
                     f"epoch {epoch} produced no tokens (no rows, or every row was skipped as overlong); "
                     "check the dataset and data.overlong"
@@ -396,16 +410,25 @@ def count_blocks(
             stats.documents += 1
             stats.tokens += n
     stats.blocks, stats.dropped_tail_tokens = divmod(stats.tokens, seq_length)
+    check_and_report(stats, seq_length, overlong)
+    return stats
+
+
+def all_skipped_error(skipped: int, seq_length: int) -> DataError:
+    return DataError(
+        f"data.overlong=skip: all {skipped} samples have more tokens than data.seq_length={seq_length} "
+        f"allows (with their EOS), so nothing is left to train on; raise data.seq_length, or keep them with "
+        f"data.overlong=split or data.overlong=truncate"
+    )
+
+
+def check_and_report(stats: PackingStats, seq_length: int, overlong: str) -> None:
+    """Raise if the overlong policy left nothing to train on; else log how many samples it touched (if any)."""
     if stats.documents == 0 and stats.skipped:
-        raise DataError(
-            f"data.overlong=skip: all {stats.skipped} samples have more tokens than data.seq_length={seq_length} "
-            f"allows (with their EOS), so nothing is left to train on; raise data.seq_length, or keep them with "
-            f"data.overlong=split or data.overlong=truncate"
-        )
+        raise all_skipped_error(stats.skipped, seq_length)
     note = overlong_note(stats, seq_length, overlong)
     if note:
         log.warning(note)  # the run's output names how many samples the policy touched
-    return stats
 
 
 def overlong_note(stats: PackingStats, seq_length: int, overlong: str) -> str | None:

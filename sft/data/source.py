@@ -9,10 +9,10 @@ The pieces, in the order training uses them:
 ``shard_range(n_rows, rank, world_size)``
     This rank's contiguous ``[lo, hi)``: disjoint, covering, sizes differ by at most one.
 ``ShardedSource``
-    Streams ``{"question", "answer"}`` rows of one shard in blocks of ``read_batch`` rows (column slices; the
-    dataset is never held in memory). ``iter_rows(epoch, start)`` is a pure function of
-    ``(dataset, rank, world_size, seed, shuffle, read_batch, epoch, start)``, which is what makes the training
-    cursor ``(epoch, position)`` resumable without saving any data.
+    Streams ``{"question", "answer"}`` rows of this rank's share of a seeded per-epoch permutation of the whole
+    dataset, ``read_batch`` rows per read (the dataset is never held in memory). ``iter_rows(epoch, start)`` is a
+    pure function of ``(dataset, rank, world_size, seed, shuffle, read_batch, epoch, start)``, which is what makes
+    the training cursor ``(epoch, position)`` resumable without saving any data.
 
 Deep Lake 4.7 facts this module relies on (checked by introspection, see the tests):
 
@@ -20,6 +20,7 @@ Deep Lake 4.7 facts this module relies on (checked by introspection, see the tes
   (False for plain folders and files) and costs well under a millisecond;
 * ``deeplake.open_read_only`` never creates anything on disk, and raises ``LogNotexistsError`` for a plain folder;
 * ``ds["col"][i:j]`` returns a Python ``list`` (``str`` for Text columns); a slice past the end is just shorter;
+* ``ds["col"][[i, j, ...]]`` (a Python list, not a numpy array) returns the rows in the order given;
 * an *empty* string stored in a Text column reads back as ``None``, which is one reason why rows are checked here;
 * ``s3://`` / ``gs://`` without network retry for ~40-70 s before failing; ``al://`` / ``hub://`` / ``az://`` fail fast.
 """
@@ -176,23 +177,41 @@ def shard_range(n_rows: int, rank: int, world_size: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
+#: The name of the row order :class:`ShardedSource` produces; checkpoints record it, so that a cursor saved under
+#: another order (the block-local shuffle of earlier versions) is refused instead of resumed into different rows.
+ORDER = "global-permutation-v1"
+
+
+def epoch_permutation(n_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's order of the whole dataset: a permutation of ``range(n_rows)`` seeded by ``(seed, epoch)``.
+
+    It is the same in every process (numpy ``SeedSequence`` from the entropy list) and differs between epochs and
+    seeds. Memory: 4 bytes per row (int32 below 2**31 rows), i.e. 40 MB for 10 M rows; the rows themselves are
+    never held. (A row-level order is what makes a dataset ingested sorted, by source or by length, reach every
+    rank mixed; shuffling blocks of consecutive rows would keep each block's sub-population together.)
+    """
+    dtype = np.int32 if n_rows < 2**31 else np.int64
+    # tag 2: a stream of its own (tags 0 and 1 were the block and in-block orders of the earlier block shuffle)
+    return np.random.default_rng([seed, epoch, 2]).permutation(n_rows).astype(dtype, copy=False)
+
+
 class ShardedSource:
-    """This rank's shard of a Deep Lake dataset, streamed as ``{"question": str, "answer": str}`` rows.
+    """This rank's share of a Deep Lake dataset, streamed as ``{"question": str, "answer": str}`` rows.
 
-    Order. With ``shuffle=False`` rows come in dataset order. With ``shuffle=True`` the shard is cut into blocks of
-    ``read_batch`` consecutive rows; the blocks are visited in a random order and the rows of each block are
-    permuted. Every read is therefore one contiguous column slice (fast in Deep Lake, friendly to object stores),
-    while the order still mixes the whole shard at block granularity. The RNG is seeded from ``(seed, epoch)``
-    (numpy ``SeedSequence``), so an epoch's order is the same on every call and in every process, and differs
-    between epochs.
+    Order. With ``shuffle=True`` each epoch is a seeded permutation of the *whole* dataset
+    (:func:`epoch_permutation`), and rank ``r`` takes positions ``shard_range(n, r, world_size)`` of it: within an
+    epoch the ranks' rows are disjoint and cover the dataset once, and every rank draws from all of it (a dataset
+    sorted by source or by length is mixed on every rank), with a new split every epoch. Rows are read
+    ``read_batch`` at a time, as one list-indexed read per column (Deep Lake 4 reads a list of row indices in one
+    call: 256 random rows of a local dataset in about 1 ms). With ``shuffle=False`` (evaluation) rank ``r`` reads its
+    contiguous ``shard_range`` in dataset order, as column slices.
 
-    Cursor. ``iter_rows(epoch, start)`` skips the first ``start`` rows of the epoch's order by arithmetic (the
-    skipped blocks are never read), so ``(epoch, position)`` is a complete resume state. It is only valid for the
-    same dataset and the same :attr:`order_params` (rank, world_size, seed, shuffle and read_batch all shape the
-    order); training should save ``order_params`` with the cursor and compare on resume.
+    Cursor. ``iter_rows(epoch, start)`` skips the first ``start`` positions of this rank's order for that epoch
+    without reading them, so ``(epoch, position)`` is a complete resume state. It is only valid for the same
+    dataset and the same :attr:`order_params` (rank, world_size, seed, shuffle, read_batch); training saves them
+    (and :data:`ORDER`) with the cursor and compares on resume.
 
-    Equal steps. Shards differ by at most one row; :attr:`min_shard_rows` is the size every rank has, for callers
-    that need all ranks to take the same number of steps per epoch.
+    Shards differ by at most one row; :attr:`min_shard_rows` is the size every rank has.
 
     The object is picklable (the open dataset handle is dropped and re-opened lazily), e.g. for DataLoader workers.
     """
@@ -220,6 +239,7 @@ class ShardedSource:
         self._seed = seed
         self._shuffle = bool(shuffle)
         self._read_batch = read_batch
+        self._order_cache: tuple[int, np.ndarray] | None = None  # (epoch, this rank's row indices)
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -239,7 +259,8 @@ class ShardedSource:
 
     @property
     def shard(self) -> tuple[int, int]:
-        """This rank's ``[lo, hi)`` in dataset row indices."""
+        """This rank's ``[lo, hi)``: dataset row indices with ``shuffle=False``, positions in the epoch's permutation
+        with ``shuffle=True``."""
         return self._lo, self._hi
 
     @property
@@ -276,28 +297,21 @@ class ShardedSource:
         return self._ds
 
     # ------------------------------------------------------------------------------------------ order
-    def _blocks(self, epoch: int) -> list[tuple[int, int]]:
-        """The epoch's block visiting order as ``[(lo, hi), ...]`` in dataset row indices."""
-        starts = range(self._lo, self._hi, self._read_batch)
-        blocks = [(s, min(s + self._read_batch, self._hi)) for s in starts]
-        if self._shuffle and len(blocks) > 1:
-            # Tag 0 = block order, tag 1 = row order inside block b. Same-length entropy lists with distinct tags
-            # keep the streams independent (no accidental SeedSequence collisions).
-            rng = np.random.default_rng([self._seed, epoch, 0, 0])
-            blocks = [blocks[i] for i in rng.permutation(len(blocks))]
-        return blocks
-
-    def _row_order(self, epoch: int, block_lo: int, size: int) -> np.ndarray:
-        """Row offsets inside one block. Seeded per block (by its first row) so that skipping needs no RNG replay."""
+    def indices(self, epoch: int) -> np.ndarray:
+        """This rank's dataset row indices for ``epoch``, in the order they are streamed."""
         if not self._shuffle:
-            return np.arange(size)
-        return np.random.default_rng([self._seed, epoch, 1, block_lo]).permutation(size)
+            return np.arange(self._lo, self._hi)
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            # every rank computes the same whole-dataset permutation and keeps its slice (no communication)
+            mine = epoch_permutation(self._total, self._seed, epoch)[self._lo:self._hi].copy()
+            self._order_cache = (epoch, mine)
+        return self._order_cache[1]
 
     # ------------------------------------------------------------------------------------------ reading
-    def _read_block(self, lo: int, hi: int) -> tuple[list, list]:
+    def _read(self, index) -> tuple[list, list]:
+        """One read per column: a slice (contiguous rows) or a list of row indices, in that order."""
         ds = self._dataset()
-        # One slice per column: Deep Lake decodes whole chunks, so a slice costs about as much as one row.
-        return ds["question"][lo:hi], ds["answer"][lo:hi]
+        return ds["question"][index], ds["answer"][index]
 
     def _check_value(self, value: Any, row: int, column: str) -> str:
         if isinstance(value, str) and value:
@@ -331,26 +345,23 @@ class ShardedSource:
 
     def _iter(self, epoch: int, start: int) -> Iterator[dict[str, str]]:
         # A separate generator so that argument errors in iter_rows are raised at call time, not at first next().
-        skip = start
-        for lo, hi in self._blocks(epoch):
-            size = hi - lo
-            if skip >= size:  # whole block before the cursor: skip without reading
-                skip -= size
-                continue
-            order = self._row_order(epoch, lo, size)
-            questions, answers = self._read_block(lo, hi)
-            if len(questions) != size or len(answers) != size:
+        rows = self.indices(epoch)
+        for pos in range(start, len(rows), self._read_batch):
+            chunk = rows[pos:pos + self._read_batch]
+            first = int(chunk[0])
+            if self._shuffle:
+                questions, answers = self._read([int(i) for i in chunk])
+            else:  # consecutive rows: one column slice
+                questions, answers = self._read(slice(first, first + len(chunk)))
+            if len(questions) != len(chunk) or len(answers) != len(chunk):
                 raise DataError(
-                    f"dataset {self._path}: rows {lo}..{hi - 1} could not be read (got {len(questions)} questions, "
-                    f"{len(answers)} answers); the dataset changed or is damaged. Re-create it with `sft ingest`."
+                    f"dataset {self._path}: {len(chunk)} rows from row {first} could not be read (got "
+                    f"{len(questions)} questions, {len(answers)} answers); the dataset changed or is damaged. "
+                    f"Re-create it with `sft ingest`."
                 )
-            for off in order[skip:]:
-                off = int(off)
-                yield {
-                    "question": self._check_value(questions[off], lo + off, "question"),
-                    "answer": self._check_value(answers[off], lo + off, "answer"),
-                }
-            skip = 0
+            for row, q, a in zip(chunk, questions, answers):
+                yield {"question": self._check_value(q, int(row), "question"),
+                       "answer": self._check_value(a, int(row), "answer")}
 
     def iter_epochs(self, start_epoch: int = 0, start: int = 0) -> Iterator[tuple[int, int, dict[str, str]]]:
         """Loop over epochs forever, yielding ``(epoch, position, row)``.
