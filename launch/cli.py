@@ -60,7 +60,10 @@ def _topology(args):
     return detect_topology()
 
 
-def build_plan(args, train_argv: list[str] | None = None) -> LaunchPlan:
+def build_plan(args, train_argv: list[str] | None = None, on_this_host: bool = False) -> LaunchPlan:
+    """The plan for ``args``. ``on_this_host``: the plan runs here (``sft launch``), so the network to look at is
+    this host's even when ``--topology`` describes the CPUs from a file; ``sft plan --topology`` plans for another
+    machine and leaves the interface to ``--iface``."""
     return make_plan(
         _topology(args),
         nodes=args.nodes,
@@ -72,7 +75,7 @@ def build_plan(args, train_argv: list[str] | None = None) -> LaunchPlan:
         master_port=args.master_port,
         iface=args.iface,
         train_argv=train_argv,
-        detect_network=not getattr(args, "topology", None),
+        detect_network=on_this_host or not getattr(args, "topology", None),
         ccl_root=getattr(args, "ccl_root", None),
     )
 
@@ -134,7 +137,7 @@ def launch_command(args, train_argv: list[str] | None = None) -> int:
     if train_argv[0] not in ("sft", "python", "python3", "-m") and not train_argv[0].endswith(".py"):
         train_argv = ["sft", *train_argv]  # `sft launch -- train cfg.yaml` runs `sft train cfg.yaml` on every rank
     try:
-        plan = build_plan(args, train_argv)
+        plan = build_plan(args, train_argv, on_this_host=True)
         node = _machine_rank(args, plan)
         if not 0 <= node < plan.nodes:
             raise PlanError(f"machine rank {node} is outside 0..{plan.nodes - 1}")

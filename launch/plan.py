@@ -505,6 +505,14 @@ def make_plan(
     # -- env for every rank
     if iface is None and nodes > 1 and detect_network:
         iface = detect_iface(master_addr, master_port)
+        if iface is None:
+            # without a route to the master, the ranks would pick an interface themselves and hang at init
+            have = ", ".join(name for _, name in socket.if_nameindex()) or "none"
+            raise PlanError(
+                f"no network interface of this host routes to the master address {master_addr}; name the one "
+                f"that reaches node 0 with --iface NAME (sets GLOO_SOCKET_IFNAME / CCL_KVS_IFACE). This host's "
+                f"interfaces: {have}"
+            )
         if iface == "lo":
             iface = None
     env: dict[str, str] = {

@@ -65,10 +65,17 @@ class Watchdog:
         self._started = time.time()
         self._apart_since: dict[int, float] = {}  # peer -> when we first saw it in another collective phase
         self._last_peers: dict[int, dict | None] = {}  # the peers' records at the last check
+        self._hosts: dict[int, str] = {}
         self.store.set(f"sft/host/{rank}", socket.gethostname())
         self._beat()
+        self._last_round = time.monotonic()  # when a heartbeat + check round last completed
         self.thread = threading.Thread(target=self._run, name="sft-watchdog", daemon=True)
         self.thread.start()
+        # A store operation over a link that went down (no reset, the packets just stop) blocks in the socket read
+        # whatever the store's timeout says (measured with torch 2.13: `check` still blocked after 100 s on a
+        # downed veth, with a 5 s client timeout). So a second thread watches the first one's progress.
+        self.deadman = threading.Thread(target=self._watch_rounds, name="sft-watchdog-deadman", daemon=True)
+        self.deadman.start()
 
     def _beat(self) -> None:
         phase, step, since = _phase
@@ -84,8 +91,21 @@ class Watchdog:
         return json.loads(self.store.get(f"sft/hb/{r}").decode())
 
     def _host(self, r: int) -> str:
-        key = f"sft/host/{r}"
-        return self.store.get(key).decode() if self.store.check([key]) else "?"
+        if r not in self._hosts:  # remembered: when a peer is lost, the store may be unreachable too
+            key = f"sft/host/{r}"
+            if not self.store.check([key]):
+                return "?"
+            self._hosts[r] = self.store.get(key).decode()
+        return self._hosts[r]
+
+    def _watch_rounds(self) -> None:
+        while not self._stop.wait(self.interval):
+            stuck = time.monotonic() - self._last_round
+            if stuck > self.stale_after + self.interval and not self._stop.is_set():
+                seen = f"; last seen: {self.phases(self._last_peers)}" if self._last_peers else ""
+                self._fail(f"lost contact with rank 0's node: the rendezvous store at {os.environ.get('MASTER_ADDR')}:"
+                           f"{os.environ.get('MASTER_PORT')} has not answered for {stuck:.0f} s (the network to it "
+                           f"is down, or its host hangs){seen}")
 
     def _fail(self, message: str) -> None:
         print(f"error: rank {self.rank}: {message}; stopping this rank", file=sys.stderr, flush=True)
@@ -140,13 +160,16 @@ class Watchdog:
             try:
                 self._beat()
                 self._check()
+                for r in range(self.world):
+                    self._host(r)  # learn the peers' hosts while the store answers
+                self._last_round = time.monotonic()
             except Exception as e:  # the store is gone: its host died
                 if self._stop.is_set():
                     return
                 seen = f"; last seen: {self.phases(self._last_peers)}" if self._last_peers else ""
-                self._fail(f"lost contact with the rendezvous store at {os.environ.get('MASTER_ADDR')}:"
-                           f"{os.environ.get('MASTER_PORT')} (the rank or launcher hosting it, usually rank 0, died): "
-                           f"{e}{seen}")
+                self._fail(f"lost contact with rank 0's node: the rendezvous store at "
+                           f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} did not answer (its host "
+                           f"died, or the network to it is down): {e}{seen}")
 
     def stop(self) -> None:
         try:
