@@ -190,6 +190,13 @@ def _plt():
     return plt
 
 
+def add_machine_caption(fig, facts: dict) -> None:
+    """The machine a plot was measured on, under the plot (the first line of describe_machine)."""
+    if facts:
+        fig.text(0.01, -0.02, describe_machine(facts).splitlines()[0], fontsize=7, color="#555555", wrap=True,
+                 va="top")
+
+
 VARIANT_COLORS = ["#7f7f7f", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
@@ -225,6 +232,7 @@ def plot_bars(records: list[dict], key: str, scale: float, xlabel: str, title: s
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[v]) for v in variants]
     ax.legend(handles, variants, fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
+    add_machine_caption(fig, (records[0] if records else {}).get("machine") or {})
     _atomic_savefig(fig, path)
     plt.close(fig)
     return path

@@ -152,7 +152,7 @@ def markdown(result: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: Path, title: str) -> Path:
+def plot(result: dict, path: Path, title: str, machine: dict | None = None) -> Path:
     from benchmarks.report import _atomic_savefig, _plt
 
     plt = _plt()
@@ -192,6 +192,9 @@ def plot(result: dict, path: Path, title: str) -> Path:
     ax2.legend(fontsize=7)
     ax2.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
+    from benchmarks.report import add_machine_caption
+
+    add_machine_caption(fig, machine or {})
     _atomic_savefig(fig, path)
     plt.close(fig)
     return path
@@ -248,7 +251,7 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     md_path = opts.results_dir / f"{stem}-scaling.md"
     md_path.write_text(text)
     png = plot(result, opts.results_dir / f"{stem}-scaling.png",
-               f"sft bench scaling: {result['base']['config']} [{result['base']['variant']}]")
+               f"sft bench scaling: {result['base']['config']} [{result['base']['variant']}]", meta["machine"])
     from rich.markdown import Markdown
 
     console.print(Markdown(text))

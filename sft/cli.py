@@ -4,6 +4,7 @@
     sft ingest FILE [FILE ...] --out PATH [--map question=instruction answer=output]
     sft merge --adapter DIR --out DIR
     sft generate --model DIR|NAME --prompt TEXT
+    sft export --model DIR --gguf OUT.gguf [--type f32|f16|bf16|q8_0]
     sft plan / sft launch      (launch topology, see launch/)
     sft bench                  (benchmarks, see benchmarks/)
 
@@ -86,6 +87,12 @@ def print_summary(s) -> None:
         t.add_row("merged model", f"Q: {s.sample_question}\nA: {s.sample_answer}")
     for k, v in s.paths.items():
         t.add_row(f"{k}", v)
+    if "gguf" in s.paths:
+        from pathlib import Path
+
+        from sft.gguf_export import run_lines
+
+        t.add_row("run the GGUF", "\n".join(run_lines(Path(s.paths["gguf"]))))
     t.add_row("wall time", f"{s.wall_seconds:.1f} s")
     Console().print(t)
 
@@ -171,6 +178,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    _offline_unless_hub()  # a local model directory only
+    from sft.gguf_export import export_gguf, run_lines
+
+    r = export_gguf(args.model, args.gguf, args.type, overwrite=args.overwrite)
+    print(f"wrote {r.path} ({r.architecture}, {r.type}, {r.tensors} tensors, {r.bytes / 2**20:.1f} MiB, "
+          f"{r.seconds:.1f} s)")
+    for line in run_lines(Path(r.path)):
+        print(f"  {line}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sft", description="LoRA / QLoRA fine-tuning on Xeon CPUs and NVIDIA GPUs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -208,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the template")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a merged Llama / Mistral / Qwen2 model as one GGUF (llama.cpp, Ollama)")
+    p.add_argument("--model", required=True, help="merged model directory (output_dir/merged)")
+    p.add_argument("--gguf", required=True, help="the .gguf file to write")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="weight type of the matrices (norms stay f32); q8_0: 8-bit blocks, ~1.06 bytes per weight")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file")
+    p.set_defaults(func=cmd_export)
 
     try:
         from launch.cli import add_launch_arguments, add_plan_arguments, launch_command, plan_command

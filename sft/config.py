@@ -158,9 +158,20 @@ class TrainingConfig:
     save_steps: int = _f(0, "Steps between checkpoints when save_strategy is steps.", min=0)
     save_total_limit: Optional[int] = _f(3, "Keep at most this many checkpoints (None keeps all).")
     logging_steps: int = _f(10, "Steps between log lines.", min=1)
-    report_to: list[str] = _f(["none"], "Experiment trackers: none, tensorboard, wandb, mlflow.")
+    report_to: list[str] = _f(
+        ["none"],
+        "Experiment trackers: none, or any of tensorboard, wandb, mlflow (each must be installed). They get the "
+        "Trainer's logs and sft's numbers (tokens/s, MFU, peak memory per rank, data-wait share, eval loss, "
+        "held-out accuracy, merge check); logs go to output_dir/logs/<run> (MLflow: MLFLOW_TRACKING_URI, else a "
+        "file store in output_dir/logs/mlruns; W&B honours WANDB_MODE=offline).",
+    )
     seed: int = _f(42, "Seed for weights of random-init models, LoRA init, data order and dropout.")
     merge: bool = _f(True, "After training, merge the adapter into the base on rank 0 (output_dir/merged).")
+    export_gguf: Optional[Literal["f32", "f16", "bf16", "q8_0"]] = _f(
+        None,
+        "After the merge, write output_dir/model-<type>.gguf for llama.cpp / Ollama (rank 0; Llama, SmolLM2, "
+        "Mistral, Qwen2) and a Modelfile beside it. null: no GGUF. Needs merge: true.",
+    )
     accuracy_samples: int = _f(
         0, "Held-out rows scored by greedy generation + exact match before and after training (0: off).", min=0
     )
@@ -317,9 +328,13 @@ def _check_consistency(cfg: RunConfig) -> None:
         raise ConfigError("training.num_epochs: must be > 0 unless training.max_steps is set")
     if not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules: give at least one module name (or all-linear)")
-    for tracker in t.report_to:
-        if tracker not in ("none", "tensorboard", "wandb", "mlflow"):
-            raise ConfigError(f"training.report_to: unknown tracker {tracker!r}; use none, tensorboard, wandb or mlflow")
+    from sft.tracking import check_trackers
+
+    problems = check_trackers(t.report_to)  # names known, and each tracker's package importable
+    if problems:
+        raise ConfigError("\n".join(problems))
+    if t.export_gguf and not t.merge:
+        raise ConfigError("training.export_gguf: needs training.merge: true (the GGUF is written from the merged model)")
     if cfg.data.demo and not cfg.data.path:
         raise ConfigError("data.path: the demo needs a path to generate its dataset into")
 

@@ -575,12 +575,21 @@ def train(cfg: RunConfig) -> RunSummary:
     with _cpu_deepspeed_bf16(cfg):
         args = _training_arguments(cfg, ckpt_dir, max_steps, eval_strategy, eval_steps, save_strategy, save_steps,
                                    device)
+    from sft import tracking
+
+    args.run_name = tracking.run_name(out)  # trackers log to output_dir/logs/<run> (sft/tracking.py)
+    tracking_env = contextlib.ExitStack()
+    tracking_env.enter_context(tracking.environment(out, args.run_name, cfg.training.report_to))
     # The model is loaded after TrainingArguments exist: under a ZeRO-3 launch they carry the DeepSpeed config that
     # makes transformers load the weights partitioned (zero.Init), so no rank ever holds the whole model.
     model, tokenizer, source = load_model_and_tokenizer(
         cfg.model, cfg.lora, cfg.quantization, seed=cfg.training.seed, tokenizer=tokenizer,
         tokens_per_micro_batch=cfg.training.per_device_train_batch_size * cfg.data.seq_length)
     summary.trainable_params, summary.total_params = count_parameters(model)
+    if cfg.training.export_gguf:  # an architecture the exporter refuses fails now, not after training
+        from sft.gguf_export import check_supported
+
+        check_supported(model.config, quantized_ok=True)
     sharded = sharded_launch()  # ZeRO-3 / FSDP: every forward is a collective of all ranks
 
     rows_for_accuracy: list[dict[str, str]] = []
@@ -606,6 +615,7 @@ def train(cfg: RunConfig) -> RunSummary:
         write_base_meta(directory, cfg.model, cfg.quantization, cfg.training.seed)
         ck.write_json(directory / ck.RESUME_META, resume_meta)
 
+    sft_metrics = tracking.make_callback(timer, cfg.training.report_to, cfg.data.seq_length, summary.accuracy_before)
     Trainer = _make_trainer_class()
     trainer = Trainer(
         model=model,
@@ -613,9 +623,10 @@ def train(cfg: RunConfig) -> RunSummary:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=_Collator(cfg.data.position_ids),
-        callbacks=[_make_callback(timer, losses)],
+        callbacks=[_make_callback(timer, losses), sft_metrics],
         checkpoint_extras=checkpoint_extras,
     )
+    sft_metrics.bind(trainer)
     if dist.is_main_process():
         for p in ck.remove_partials(ckpt_dir):
             log.warning("removed %s: a checkpoint whose writing was interrupted", p)
@@ -675,6 +686,7 @@ def train(cfg: RunConfig) -> RunSummary:
         if rows_for_accuracy and sharded is None:
             summary.accuracy_after = accuracy(cfg, trainer.model, tokenizer, rows_for_accuracy, "accuracy after")
             print(f"held-out accuracy after training: {100 * summary.accuracy_after:.1f}%")
+    sft_metrics.detach()
     del trainer, model, args
     gc.collect()
     # From here rank 0 works alone (merge, reload, generation): a live ZeRO-3 config would make transformers load
@@ -691,12 +703,24 @@ def train(cfg: RunConfig) -> RunSummary:
             summary.paths["merged"] = str(merged_dir)
             q, a, acc = _check_merged(cfg, merged_dir, rows_for_accuracy)
             summary.sample_question, summary.sample_answer, summary.accuracy_merged = q, a, acc
+            if cfg.training.export_gguf:
+                from sft.gguf_export import export_after_merge
+
+                summary.paths.update(export_after_merge(merged_dir, out, cfg.training.export_gguf,
+                                                        progress=cfg.training.progress))
         dist.barrier()  # the other ranks wait here for rank 0's merge
     dist.stop_watchdog()
 
     summary.peak_rss_gb = peak_rss_bytes() / 2**30
     summary.wall_seconds = time.perf_counter() - t_start
+    sft_metrics.finish({"eval_accuracy_after": summary.accuracy_after, "eval_accuracy_merged": summary.accuracy_merged,
+                        "eval_merge_max_abs_diff": summary.merge_max_abs_diff})
+    tracking_env.close()
     if dist.is_main_process():
+        from sft.plots import save_training_plot
+
+        title = f"sft train: {cfg.model.name}, {summary.steps} steps, {world} rank(s) ({out.name})"
+        summary.paths["plot"] = str(save_training_plot(sft_metrics.history, out / "training.png", title))
         summary.paths["summary"] = str(out / "summary.json")
         _write_json(out / "summary.json", {"summary": asdict(summary), "config": cfg.to_dict(),
                                            "run": dist.run_metadata(), "timing": timing})

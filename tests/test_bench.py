@@ -132,7 +132,7 @@ def test_scaling_analysis_and_plot(tmp_path):
     meta = {"timestamp": "2026-01-01T00:00:00", "run_id": "r", "command": "sft bench scaling", "machine": {"hostname": "h"}}
     text = markdown(result, meta)
     assert "| weak | 2 x 1 | 8 |" in text
-    png = plot(result, tmp_path / "s.png", "t")
+    png = plot(result, tmp_path / "s.png", "t", {"hostname": "h", "cpu": {"model": "Xeon"}})
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
