@@ -23,7 +23,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/sft train
+	$(BIN)/sft train training.export_gguf=q8_0
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -116,6 +116,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ap.error("give --cpus (one per local rank) or --per socket|numa")
 
+    if (extra_env.get("SFT_IFACE") or os.environ.get("SFT_IFACE")) == "route":
+        # the mpirun form: this node's interface that routes to the master (names differ between hosts)
+        from .plan import detect_iface
+
+        master = extra_env.get("MASTER_ADDR") or os.environ.get("MASTER_ADDR", "")
+        name = detect_iface(master) if master else None
+        if name is None:
+            print(f"launch.pin: error: no network interface of this host routes to the master address {master!r}; "
+                  "pass --iface NAME to sft launch", file=sys.stderr)
+            return 2
+        if name != "lo":
+            extra_env.setdefault("GLOO_SOCKET_IFNAME", name)
+            extra_env.setdefault("CCL_KVS_IFACE", name)
+
     local_rank = local_rank_from_env()
     try:
         cpus, rank_env = pin_settings(cpu_sets, local_rank, ccl=ccl)

@@ -505,7 +505,14 @@ def make_plan(
     # -- env for every rank
     if iface is None and nodes > 1 and detect_network:
         iface = detect_iface(master_addr, master_port)
-        if iface is None:
+        try:
+            socket.gethostbyname(master_addr)
+            resolves = True
+        except OSError:  # a host name only the cluster resolves (planning from elsewhere): nothing to check here
+            resolves = False
+            warnings.append(f"master address {master_addr} does not resolve here: the interface is not checked; "
+                            "pass --iface NAME if the nodes have several")
+        if iface is None and resolves:
             # without a route to the master, the ranks would pick an interface themselves and hang at init
             have = ", ".join(name for _, name in socket.if_nameindex()) or "none"
             raise PlanError(
@@ -515,6 +522,11 @@ def make_plan(
             )
         if iface == "lo":
             iface = None
+        # One mpirun command starts every node's ranks with the same environment, but interface names differ
+        # between hosts (eth0 here, ens1f0 there): each rank's launch.pin finds its own route to the master.
+        per_node_iface = launcher == "mpirun" and iface is not None
+    else:
+        per_node_iface = False
     env: dict[str, str] = {
         "ACCELERATE_USE_CPU": "true",
         "SFT_BACKEND": backend,
@@ -555,14 +567,14 @@ def make_plan(
         if worker_cpus and len(worker_cpus) == ccl_workers * ranks_per_node:
             env["CCL_WORKER_AFFINITY"] = ",".join(str(c) for c in worker_cpus)
         if iface:
-            env["CCL_KVS_IFACE"] = iface
+            env.update({"SFT_IFACE": "route"} if per_node_iface else {"CCL_KVS_IFACE": iface})
         elif nodes > 1:
             warnings.append(
                 "no network interface known for oneCCL's KVS: on hosts with several NICs oneCCL can pick an "
                 "unreachable one and hang at init; pass --iface NAME (sets CCL_KVS_IFACE)"
             )
     elif backend == "gloo" and iface and nodes > 1:
-        env["GLOO_SOCKET_IFNAME"] = iface
+        env.update({"SFT_IFACE": "route"} if per_node_iface else {"GLOO_SOCKET_IFNAME": iface})
 
     # -- ranks of the whole job
     ranks: list[RankPlan] = []

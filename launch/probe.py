@@ -40,6 +40,9 @@ def main() -> int:
         "expected_sum": acc.num_processes * (acc.num_processes + 1) // 2,
         "stop_flag_agreed": stop,
         "min_int_agreed": min_index == 10,
+        # which network stack and interface this rank used (multi-node tests run nodes as network namespaces)
+        "gloo_socket_ifname": os.environ.get("GLOO_SOCKET_IFNAME"),
+        "net_namespace": os.readlink("/proc/self/ns/net") if os.path.exists("/proc/self/ns/net") else None,
     }
     # one write() of the whole line: ranks share the launcher's pipe, and print() may split text and newline
     sys.stdout.write("SFT_PROBE " + json.dumps(out, sort_keys=True) + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -163,3 +164,45 @@ def test_a_cut_link_stops_every_rank_then_resume_ends_with_the_same_adapter(host
     assert want.keys() == got.keys()
     for k in want:
         assert (want[k] == got[k]).all(), f"{k} differs from the uninterrupted run"
+
+
+def _agent(hosts: Hosts, path: Path) -> Path:
+    """Open MPI's remote-start agent (in place of ssh): run the command in the namespace that owns the address."""
+    cases = "".join(f"  {hosts.addr(r)}) ns={hosts.names[r]};;\n" for r in (0, 1))
+    path.write_text(f'#!/bin/sh\nhost="$1"; shift\ncase "$host" in\n{cases}'
+                    f'  *) echo "netns agent: unknown host $host" >&2; exit 1;;\nesac\n'
+                    f'exec ip netns exec "$ns" sh -c "$*"\n')
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (apt-get install openmpi-bin)")
+def test_mpirun_hostfile_across_namespaces_trains_like_one_node(hosts, work, uninterrupted):
+    """One mpirun command on node 0 starts both ranks (the remote one through an `ip netns exec` agent); each
+    rank's launch.pin finds its own interface (the names differ between the nodes), and training equals the
+    1-node 2-rank run."""
+    hostfile = work / "hosts"
+    hostfile.write_text(f"{hosts.addr(0)} slots=1\n{hosts.addr(1)} slots=1\n")
+    env = _env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_plm_rsh_agent=str(_agent(hosts, work / "netns-agent")))
+    base = [*hosts.prefix(0), sys.executable, "-m", "launch.cli", "launch", "--backend", "gloo", "--topology",
+            str(work / "topo0"), "--hostfile", str(hostfile)]
+    probe = subprocess.run([*base, "--master-port", str(free_port()), "--", "python", "-m", "launch.probe"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
+    assert probe.returncode == 0, (probe.stdout + probe.stderr)[-3000:]
+    from tests.test_launch import _probes
+
+    found = sorted(_probes(probe.stdout), key=lambda p: p["rank"])
+    assert [p["rank"] for p in found] == [0, 1]
+    assert found[0]["net_namespace"] != found[1]["net_namespace"]  # really two network stacks
+    assert [p["gloo_socket_ifname"] for p in found] == [hosts.iface(0), hosts.iface(1)]
+
+    out = work / "mpirun"
+    run = subprocess.run([*base, "--master-port", str(free_port()), "--", "python",
+                          *_train_args(work / "ds", out)], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=400)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    one, two = _summary(work / "one-node"), _summary(out)
+    assert two["world_size"] == 2 and two["steps"] == STEPS
+    for step, (a, b) in enumerate(zip(one["loss_history"], two["loss_history"])):
+        assert abs(a - b) <= 1e-6 * abs(a), f"step {step + 1}: one node {a}, mpirun over two nodes {b}"
