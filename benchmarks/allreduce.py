@@ -1,6 +1,10 @@
 """All-reduce micro-benchmark (gloo, or the backend sft would choose): effective bandwidth and latency.
 
     python -m benchmarks.allreduce --ranks 2 --out result.json [--sizes 4,65536,1048576,8388608]
+    python -m benchmarks.allreduce --rank R --ranks N --master ADDR:PORT --out result.json   # one rank per node
+
+The first form starts every rank on this machine; the second is one rank of a multi-node measurement (start it on
+every node, same --master; rank 0 writes the fit), which is how a real link between nodes is measured.
 
 Starts ``ranks`` processes on this machine (torch.multiprocessing, one thread each), times ``all_reduce`` of fp32
 buffers of each size (median of repeats after warm-up), and fits the ring model
@@ -20,12 +24,12 @@ import time
 DEFAULT_SIZES = (4, 4096, 65536, 1 << 20, 4 << 20, 16 << 20)
 
 
-def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int, out: str, addr: str = "127.0.0.1") -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world)
     times = {}
     for nbytes in sizes:
         t = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
@@ -92,8 +96,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default=None, help="write the fit as JSON here")
+    ap.add_argument("--rank", type=int, default=None, help="run only this rank here (one process per node)")
+    ap.add_argument("--master", default=None, metavar="ADDR:PORT", help="with --rank: rank 0's address and port")
     args = ap.parse_args(argv)
-    fit = measure(args.ranks, [int(s) for s in args.sizes.split(",")], args.repeats)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.rank is not None:
+        if not args.master or ":" not in args.master:
+            ap.error("--rank needs --master ADDR:PORT")
+        import tempfile
+
+        addr, port = args.master.rsplit(":", 1)
+        with tempfile.TemporaryDirectory() as d:
+            raw_path = os.path.join(d, "times.json")
+            _worker(args.rank, args.ranks, int(port), sizes, args.repeats, raw_path, addr)
+            if args.rank != 0:
+                return 0
+            with open(raw_path) as f:
+                raw = json.load(f)
+        fit = fit_ring({int(k): v for k, v in raw["times_s"].items()}, args.ranks)
+    else:
+        fit = measure(args.ranks, sizes, args.repeats)
     text = json.dumps(fit, indent=2)
     if args.out:
         with open(args.out, "w") as f:

@@ -38,6 +38,7 @@ class RunSummary:
     tokens_per_s: float = float("nan")
     train_seconds: float = 0.0
     first_step_s: float = float("nan")
+    step_time_median_s: float = float("nan")  # optimizer steps, excluding the first (warm-up) and eval/save steps
     peak_rss_gb: float = 0.0
     trainable_params: int = 0
     total_params: int = 0
@@ -668,6 +669,7 @@ def train(cfg: RunConfig) -> RunSummary:
     timing = timer.summary()
     summary.tokens_per_s = timing["tokens_per_s"]
     summary.first_step_s = timing["first_step_s"]
+    summary.step_time_median_s = timing["step_time_median_s"]
     if losses:
         summary.loss_first, summary.loss_last = losses[0], losses[-1]
         summary.loss_history = losses

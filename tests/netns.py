@@ -96,6 +96,10 @@ class Hosts:
             subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
                             rate, "burst", "256kb", "latency", "400ms"], check=True, capture_output=True, text=True)
 
+    def uncap(self, node: int) -> None:
+        for ns, dev in ((self.names[0], self.links[node][0]), (self.names[node], self.links[node][1])):
+            subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
+
     def close(self) -> None:
         for ns in [*getattr(self, "names", []), *getattr(self, "extra", [])]:
             _ip("netns", "del", ns, check=False)
