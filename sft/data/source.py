@@ -36,6 +36,9 @@ from sft.errors import DataError
 
 #: Columns training needs. Datasets written by ``sft ingest`` also have ``source`` (provenance; not read here).
 REQUIRED_COLUMNS = ("question", "answer")
+#: Optional text column: a row's whole conversation as JSON (sft.data.formats says why). Rows of datasets that
+#: have it carry a ``"conversation"`` key (``None`` for rows that are one plain exchange).
+CONVERSATION_COLUMN = "conversation"
 
 #: URL schemes handed to Deep Lake untouched. ``hub://`` is Deep Lake's alias of ``al://`` (Activeloop cloud).
 #: ``mem://`` is Deep Lake's in-process store (handy in experiments, empty in a fresh process).
@@ -220,6 +223,7 @@ class ShardedSource:
         self._seed = seed
         self._shuffle = bool(shuffle)
         self._read_batch = read_batch
+        self._has_conversation = CONVERSATION_COLUMN in {c.name for c in self._ds.schema.columns}
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -297,6 +301,8 @@ class ShardedSource:
     def _read_block(self, lo: int, hi: int) -> tuple[list, list]:
         ds = self._dataset()
         # One slice per column: Deep Lake decodes whole chunks, so a slice costs about as much as one row.
+        if self._has_conversation:
+            return ds["question"][lo:hi], ds["answer"][lo:hi], ds[CONVERSATION_COLUMN][lo:hi]
         return ds["question"][lo:hi], ds["answer"][lo:hi]
 
     def _check_value(self, value: Any, row: int, column: str) -> str:
@@ -338,7 +344,7 @@ class ShardedSource:
                 skip -= size
                 continue
             order = self._row_order(epoch, lo, size)
-            questions, answers = self._read_block(lo, hi)
+            questions, answers, *conversations = self._read_block(lo, hi)
             if len(questions) != size or len(answers) != size:
                 raise DataError(
                     f"dataset {self._path}: rows {lo}..{hi - 1} could not be read (got {len(questions)} questions, "
@@ -346,10 +352,13 @@ class ShardedSource:
                 )
             for off in order[skip:]:
                 off = int(off)
-                yield {
+                row = {
                     "question": self._check_value(questions[off], lo + off, "question"),
                     "answer": self._check_value(answers[off], lo + off, "answer"),
                 }
+                if conversations:
+                    row[CONVERSATION_COLUMN] = conversations[0][off]
+                yield row
             skip = 0
 
     def iter_epochs(self, start_epoch: int = 0, start: int = 0) -> Iterator[tuple[int, int, dict[str, str]]]:
