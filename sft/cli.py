@@ -136,7 +136,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         else:
             file_fmt = f
     report = ingest(args.inputs, args.out, mapping=_parse_map(args.map), fmt=file_fmt, split=args.split,
-                    overwrite=args.overwrite, record_format=record_fmt, on_bad_row=args.on_bad_row)
+                    overwrite=args.overwrite, record_format=record_fmt, on_bad_row=args.on_bad_row, creds=args.creds)
     print(report.summary())  # rows per input, and notes: ignored fields, truncated conversations
     return 0
 
@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["jsonl", "json", "csv", "tsv", "parquet", "hf", "qa", "alpaca", "chat", "sharegpt"],
                    help="override detection: a file format (jsonl, json, csv, tsv, parquet, hf) and/or a record "
                         "format (qa, alpaca, chat, sharegpt); repeat for both")
+    p.add_argument("--creds", metavar="JSON_FILE",
+                   help="credentials for an s3:// --out (aws_access_key_id, aws_secret_access_key, endpoint_url, "
+                        "aws_region); default: the AWS_* environment variables")
     p.add_argument("--on-bad-row", choices=["fail", "skip"], default="fail",
                    help="fail: report every bad row and write nothing (default); skip: write the good rows")
     p.add_argument("--split", help="split of a saved DatasetDict (default: train)")
@@ -259,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except SftError as e:
         print(f"error: {e}", file=sys.stderr)
+        from sft.data.creds import abandoned_calls
+
+        if abandoned_calls():  # a Deep Lake call still in flight crashes a normal shutdown (sft.data.creds)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -103,11 +103,10 @@ def _check_out(out: str, overwrite: bool) -> str:
     if not isinstance(out, str) or not out.strip():
         raise IngestError(f"output path must be a non-empty string, got {out!r}; pass --out PATH")
     if _is_remote(out):
-        # Atomic rename exists only on a local filesystem; an object-store upload is a separate, explicit step.
-        raise IngestError(
-            f"--out {out}: ingest writes local datasets only. Write locally, then copy with "
-            f"`python -c \"import deeplake; deeplake.copy('LOCAL_PATH', '{out}')\"`."
-        )
+        if not out.lower().startswith("s3://"):  # the one object store this is tested against (tests/test_s3.py)
+            raise IngestError(f"--out {out}: ingest writes local paths and s3:// object storage (S3-compatible); "
+                              f"write locally, then copy with deeplake.copy")
+        return out  # checked against the store itself by write_dataset (sft.data.creds.check_remote_out)
     path = os.path.abspath(os.path.expanduser(out[len("file://"):] if out.startswith("file://") else out))
     if os.path.lexists(path):
         if not overwrite:
@@ -167,6 +166,7 @@ def write_dataset(
     total: int | None = None,
     batch_size: int = WRITE_BATCH,
     validate: bool = True,
+    creds: Any = None,
 ) -> int:
     """Write ``rows`` (dicts with non-empty ``question``, ``answer``, ``source`` strings) to a new local Deep Lake
     dataset at ``out``, atomically. Returns the number of rows written.
@@ -180,15 +180,24 @@ def write_dataset(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     path = _check_out(out, overwrite)
-    parent = os.path.dirname(path)
-    created = []  # parent folders this call creates: removed again if the write fails (no partial output)
-    d = parent
-    while not os.path.lexists(d) and os.path.dirname(d) != d:
-        created.append(d)
-        d = os.path.dirname(d)
-    os.makedirs(parent, exist_ok=True)
-    # A sibling (same filesystem) so the final os.rename is atomic; pid + random so concurrent writers never collide.
-    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    created: list[str] = []  # parent folders this call creates: removed again if the write fails (no partial output)
+    remote, kw, replace_remote = _is_remote(out), {}, False
+    if remote:
+        from sft.data.creds import check_remote_out
+
+        # No rename on object stores: the dataset is written in place and deleted again if anything fails.
+        kw, replace_remote = check_remote_out(out, overwrite, creds)
+        tmp = out
+    else:
+        parent = os.path.dirname(path)
+        d = parent
+        while not os.path.lexists(d) and os.path.dirname(d) != d:
+            created.append(d)
+            d = os.path.dirname(d)
+        os.makedirs(parent, exist_ok=True)
+        # A sibling (same filesystem) so the final os.rename is atomic; pid + random so concurrent writers never
+        # collide.
+        tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
 
     import deeplake
     from tqdm.auto import tqdm
@@ -212,7 +221,9 @@ def write_dataset(
             digests[c].update(_digest_bytes(buf[c]))
 
     try:
-        ds = deeplake.create(tmp)
+        if replace_remote:
+            deeplake.delete(out, **kw)
+        ds = deeplake.create(tmp, **kw)
         for c in COLUMNS:
             ds.add_column(c, deeplake.types.Text())
         # Deep Lake 4.7 writes schema changes to _deeplake_log/ from background tasks ("detached promises") that
@@ -240,12 +251,19 @@ def write_dataset(
             raise IngestError(f"no rows to write to {out}: the input is empty")
         ds.commit()
         ds = None  # drop the handle before the directory moves under it
-        problem = _verify(tmp, n, {c: digests[c] for c in columns}, batch_size)
+        problem = _verify(tmp, n, {c: digests[c] for c in columns}, batch_size, kw)
         if problem is not None:
             raise _write_failed(out, path, tmp, f"the dataset does not read back as written ({problem})")
-        _replace(tmp, path)
+        if not remote:
+            _replace(tmp, path)
     except BaseException as e:
         ds = None
+        if remote:
+            _delete_remote(out, kw)
+            if isinstance(e, Exception) and not isinstance(e, IngestError) and _is_storage_error(e):
+                raise IngestError(f"--out {out}: writing the dataset failed: {type(e).__name__}: "
+                                  f"{(str(e).splitlines() or [''])[0]}. Nothing was left at {out}") from e
+            raise
         if isinstance(e, Exception) and not isinstance(e, IngestError) and _is_storage_error(e):
             # a write (or the commit) failed outright: name the cause while the temp dir still shows it
             err = _write_failed(out, path, tmp, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
@@ -255,7 +273,7 @@ def write_dataset(
         _remove_tree(tmp)
         _remove_empty(created)
         raise
-    if os.path.exists(tmp):  # a late background write re-created the temp path after the rename
+    if not remote and os.path.exists(tmp):  # a late background write re-created the temp path after the rename
         _remove_tree(tmp)
     return n
 
@@ -265,7 +283,7 @@ def _digest_bytes(values: list[str]) -> bytes:
     return ("\0".join(values) + "\0").encode("utf-8", "surrogatepass")
 
 
-def _verify(tmp: str, n: int, digests: dict, batch_size: int) -> str | None:
+def _verify(tmp: str, n: int, digests: dict, batch_size: int, kw: dict | None = None) -> str | None:
     """Read the committed dataset back; a description of the first difference, or None when it is what was written.
 
     Deep Lake 4.7 ignores failed and short writes (a full disk, ``ulimit -f``): the dataset commits fine and reads
@@ -273,7 +291,7 @@ def _verify(tmp: str, n: int, digests: dict, batch_size: int) -> str | None:
     import deeplake
 
     try:
-        ds = deeplake.open_read_only(tmp)
+        ds = deeplake.open_read_only(tmp, **(kw or {}))
         if len(ds) != n:
             return f"{len(ds)} rows instead of {n}"
         step = max(batch_size, 8192)
@@ -319,6 +337,17 @@ def _remove_empty(folders: list[str]) -> None:
             return
 
 
+def _delete_remote(out: str, kw: dict) -> None:
+    """Delete a half-written dataset on object storage (best effort: a store that is gone cannot be cleaned)."""
+    import deeplake
+
+    try:
+        if deeplake.exists(out, **kw):
+            deeplake.delete(out, **kw)
+    except Exception:  # the original error is what the user needs to see
+        pass
+
+
 def _remove_tree(path: str, settle_s: float = 0.01, tries: int = 50) -> None:
     """rmtree that also wins against Deep Lake background writers still flushing into ``path`` (see above)."""
     for _ in range(tries):
@@ -339,6 +368,7 @@ def ingest(
     *,
     record_format: str | None = None,
     on_bad_row: str = "fail",
+    creds: Any = None,
 ) -> IngestReport:
     """Convert ``inputs`` (in order, concatenated) into one Deep Lake dataset at ``out``.
 
@@ -347,7 +377,8 @@ def ingest(
     ``parquet``, ``hf``). ``record_format``: force a record format (``qa``, ``chat``, ``sharegpt``, ``alpaca``;
     default: detected per record, see :mod:`sft.data.formats`). ``split``: the split of a Hugging Face
     ``DatasetDict`` (default ``train``). ``on_bad_row``: ``fail`` reports every bad row and writes nothing,
-    ``skip`` writes the good rows (:mod:`sft.data.badrows`).
+    ``skip`` writes the good rows (:mod:`sft.data.badrows`). ``creds``: for an ``s3://`` ``out``, a mapping or a
+    JSON file path (:func:`sft.data.creds.resolve`; None: the AWS environment variables).
     Inputs, formats, mapping and ``out`` are checked before anything is read; rows are validated while they are
     written, and any error leaves no output behind.
     """
@@ -363,6 +394,10 @@ def ingest(
     if split is not None and not any(kind == "hf" for _, kind in plan):
         raise IngestError(f"--split {split} only applies to Hugging Face dataset directories; drop it")
     _check_out(out, overwrite)  # fail before reading gigabytes (write_dataset checks again, cheaply)
+    if _is_remote(out):
+        from sft.data.creds import check_remote_out
+
+        check_remote_out(out, overwrite, creds)  # a wrong key or an existing dataset, before any input is read
 
     convert = Converter(fields)
     counts: dict[str, int] = {}
@@ -411,7 +446,7 @@ def ingest(
             raise IngestError(f"every row of the input is bad ({problems.rows} bad rows); nothing was written to "
                               f"{out}:\n" + "\n".join(f"  {m}" for m in problems.messages))
 
-    total = write_dataset(out, rows(), overwrite=overwrite, progress=progress, validate=False)
+    total = write_dataset(out, rows(), overwrite=overwrite, progress=progress, validate=False, creds=creds)
     return IngestReport(out=out, total_rows=total, rows_per_file=counts, conversations=convert.conversations,
                         ignored_fields=ignored, skipped_rows=problems.rows,
                         skipped_locations={p: list(v) for p, v in problems.locations.items()},

@@ -109,13 +109,20 @@ def _is_text(dtype: Any) -> bool:
     return kind == deeplake.types.TypeKind.Nullable and "text" in str(dtype).lower()
 
 
-def open_dataset(path: str):
+#: Defaults of data.read_timeout_s / data.read_attempts: one remote call's deadline and tries (sft.data.creds).
+READ_TIMEOUT_S = 60.0
+READ_ATTEMPTS = 3
+
+
+def open_dataset(path: str, creds=None, *, timeout_s: float = READ_TIMEOUT_S, attempts: int = READ_ATTEMPTS):
     """Open the Deep Lake dataset at ``path`` read-only, after validating it for training.
 
     Local paths (and ``file://``) are checked on the filesystem first, so a typo never reaches Deep Lake and nothing
     is ever downloaded or created. Remote paths (``s3://``, ``gs://``, ``az://``, ``al://``, ``hub://``) go to
-    Deep Lake as-is; credentials come from the environment as Deep Lake documents. Any failure becomes a
-    :class:`DataError` naming the path.
+    Deep Lake with ``creds`` (``data.creds``: a mapping, a JSON file path, or None for the AWS environment
+    variables). ``deeplake.exists`` probes an s3:// path first: it answers a missing bucket and a wrong key in
+    milliseconds (opening retries a missing bucket for ~30 s). Remote calls are bounded (``timeout_s`` x
+    ``attempts``). Any failure becomes a :class:`DataError` naming the path (never the credentials).
 
     Returns a ``deeplake.ReadOnlyDataset`` with the :data:`REQUIRED_COLUMNS` as text columns and at least one row.
     """
@@ -124,13 +131,44 @@ def open_dataset(path: str):
     import deeplake
 
     target = path if is_remote(path) else _check_local(path)
+    kw = {}
+    if is_remote(path):
+        from sft.data.creds import bounded, is_access_error, resolve
+
+        resolved = resolve(creds)
+        kw = {"creds": resolved} if resolved else {}
+
+        def probe() -> bool:
+            try:
+                return deeplake.exists(path, **kw)
+            except Exception as e:
+                if is_access_error(e):
+                    raise DataError(
+                        f"cannot open remote dataset {path}: access denied ({type(e).__name__}). Check data.creds "
+                        f"(or the AWS_* environment variables): the key id, the secret and the bucket's permissions"
+                    ) from None
+                raise
+
+        # Only s3:// (measured): deeplake.exists also says False for az:// without credentials and hub:// offline,
+        # where opening names the real cause.
+        if path.lower().startswith("s3://") and not bounded(probe, path, "checking that it exists", timeout_s,
+                                                            attempts):
+            raise DataError(
+                f"no Deep Lake dataset at {path}: the bucket or the prefix does not exist. Check the URL (and "
+                f"data.creds' endpoint_url), or create it with `sft ingest FILE --out {path}`."
+            )
     try:
-        ds = deeplake.open_read_only(target)
+        if is_remote(path):
+            ds = bounded(lambda: deeplake.open_read_only(target, **kw), path, "opening it", timeout_s, attempts)
+        else:
+            ds = deeplake.open_read_only(target)
+    except DataError:
+        raise
     except Exception as e:  # deeplake's errors share no base class beyond Exception
         if is_remote(path):
             raise DataError(
                 f"cannot open remote dataset {path}: {type(e).__name__}: {e}. Check the path, the network and the "
-                f"credentials (AWS_*/GOOGLE_*/AZURE_* env vars; ACTIVELOOP_TOKEN for al:// and hub://). "
+                f"credentials (data.creds, or AWS_*/GOOGLE_*/AZURE_* env vars; ACTIVELOOP_TOKEN for al:// and hub://). "
                 f"Offline, ingest a local copy and train on it: `sft ingest FILE --out PATH`, then data.path=PATH."
             ) from e
         raise DataError(
@@ -208,6 +246,9 @@ class ShardedSource:
         seed: int = 0,
         shuffle: bool = True,
         read_batch: int = 256,
+        creds=None,
+        read_timeout_s: float = READ_TIMEOUT_S,
+        read_attempts: int = READ_ATTEMPTS,
     ) -> None:
         if not isinstance(read_batch, int) or isinstance(read_batch, bool) or read_batch < 1:
             raise ValueError(f"read_batch must be an int >= 1, got {read_batch!r}")
@@ -215,7 +256,11 @@ class ShardedSource:
             # SeedSequence rejects negative entropy; fail here with a clear message instead of mid-epoch.
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         self._path = path
-        self._ds = open_dataset(path)  # validates before any other work
+        # data.creds as given (a mapping or a file path); resolved again on a re-open, never written anywhere
+        self._creds = creds
+        self._read_timeout_s = float(read_timeout_s)
+        self._read_attempts = int(read_attempts)
+        self._ds = self._open()  # validates before any other work
         self._total = len(self._ds)
         self._rank = rank
         self._world_size = world_size
@@ -269,9 +314,12 @@ class ShardedSource:
         state["_ds"] = None  # native handle; not picklable, and cheap to re-open
         return state
 
+    def _open(self):
+        return open_dataset(self._path, self._creds, timeout_s=self._read_timeout_s, attempts=self._read_attempts)
+
     def _dataset(self):
         if self._ds is None:
-            self._ds = open_dataset(self._path)
+            self._ds = self._open()
             if len(self._ds) != self._total:
                 raise DataError(
                     f"dataset {self._path} changed while in use ({self._total} -> {len(self._ds)} rows). "
@@ -298,7 +346,16 @@ class ShardedSource:
         return np.random.default_rng([self._seed, epoch, 1, block_lo]).permutation(size)
 
     # ------------------------------------------------------------------------------------------ reading
-    def _read_block(self, lo: int, hi: int) -> tuple[list, list]:
+    def _read_block(self, lo: int, hi: int) -> tuple[list, ...]:
+        if not is_remote(self._path):
+            return self._read_slices(lo, hi)
+        from sft.data.creds import bounded
+
+        # A store that goes away mid-epoch: a bounded wait, then a DataError naming the URL (sft.data.creds).
+        return bounded(lambda: self._read_slices(lo, hi), self._path, f"reading rows {lo}..{hi - 1}",
+                       self._read_timeout_s, self._read_attempts)
+
+    def _read_slices(self, lo: int, hi: int) -> tuple[list, ...]:
         ds = self._dataset()
         # One slice per column: Deep Lake decodes whole chunks, so a slice costs about as much as one row.
         if self._has_conversation:
