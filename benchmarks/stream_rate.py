@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for kind in ("short", "long"):
             n = args.rows if kind == "short" else args.rows // 4
-            for store, path, c in (("local", str(tmp / kind), {}), ("s3 (moto, loopback)", f"s3://bench/{kind}", creds)):
+            stores = (("local", str(tmp / kind), {}), ("s3 (moto, loopback)", f"s3://bench/{kind}", creds))
+            for store, path, c in stores:
                 write_dataset(path, _rows(kind, n), progress=False, creds=c or None)
                 env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                            PYTHONPATH=str(Path(__file__).resolve().parent.parent))

@@ -253,7 +253,8 @@ def test_two_ranks_stream_disjoint_shards_from_s3_and_match_one_rank(s3, tmp_pat
 
 RESUME = ["model.name=arch:tiny-llama", "model.dtype=fp32", "data.demo=false", "data.eval_path=null",
           "data.seq_length=64", "training.max_steps=8", "training.per_device_train_batch_size=2",
-          "training.save_strategy=steps", "training.save_steps=2", "training.merge=false", "training.accuracy_samples=0",
+          "training.save_strategy=steps", "training.save_steps=2", "training.merge=false",
+          "training.accuracy_samples=0",
           "training.progress=false", "training.eval_strategy=no", "training.logging_steps=1", "lora.dropout=0.0",
           "training.learning_rate=5e-3", "training.warmup_steps=2", "data.read_batch=8"]
 

@@ -131,32 +131,10 @@ def open_dataset(path: str, creds=None, *, timeout_s: float = READ_TIMEOUT_S, at
     import deeplake
 
     target = path if is_remote(path) else _check_local(path)
-    kw = {}
     if is_remote(path):
-        from sft.data.creds import bounded, is_access_error, resolve
+        from sft.data.creds import bounded, remote_kwargs
 
-        resolved = resolve(creds)
-        kw = {"creds": resolved} if resolved else {}
-
-        def probe() -> bool:
-            try:
-                return deeplake.exists(path, **kw)
-            except Exception as e:
-                if is_access_error(e):
-                    raise DataError(
-                        f"cannot open remote dataset {path}: access denied ({type(e).__name__}). Check data.creds "
-                        f"(or the AWS_* environment variables): the key id, the secret and the bucket's permissions"
-                    ) from None
-                raise
-
-        # Only s3:// (measured): deeplake.exists also says False for az:// without credentials and hub:// offline,
-        # where opening names the real cause.
-        if path.lower().startswith("s3://") and not bounded(probe, path, "checking that it exists", timeout_s,
-                                                            attempts):
-            raise DataError(
-                f"no Deep Lake dataset at {path}: the bucket or the prefix does not exist. Check the URL (and "
-                f"data.creds' endpoint_url), or create it with `sft ingest FILE --out {path}`."
-            )
+        kw = remote_kwargs(path, creds, timeout_s, attempts)  # fails fast on a wrong key or a missing bucket
     try:
         if is_remote(path):
             ds = bounded(lambda: deeplake.open_read_only(target, **kw), path, "opening it", timeout_s, attempts)
@@ -168,7 +146,7 @@ def open_dataset(path: str, creds=None, *, timeout_s: float = READ_TIMEOUT_S, at
         if is_remote(path):
             raise DataError(
                 f"cannot open remote dataset {path}: {type(e).__name__}: {e}. Check the path, the network and the "
-                f"credentials (data.creds, or AWS_*/GOOGLE_*/AZURE_* env vars; ACTIVELOOP_TOKEN for al:// and hub://). "
+                f"credentials (data.creds, AWS_*/GOOGLE_*/AZURE_* env vars; ACTIVELOOP_TOKEN for al:// and hub://). "
                 f"Offline, ingest a local copy and train on it: `sft ingest FILE --out PATH`, then data.path=PATH."
             ) from e
         raise DataError(
