@@ -134,8 +134,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     _offline_unless_hub()  # ingest never needs the hub (a saved HF dataset is read from disk)
     from sft.data.ingest import ingest
 
-    report = ingest(args.inputs, args.out, mapping=_parse_map(args.map), fmt=args.format, split=args.split,
-                    overwrite=args.overwrite)
+    from sft.data.formats import RECORD_FORMATS
+
+    file_fmt = record_fmt = None
+    for f in args.format or []:  # --format names a file format, a record format, or one of each
+        if f in RECORD_FORMATS:
+            record_fmt = f
+        else:
+            file_fmt = f
+    report = ingest(args.inputs, args.out, mapping=_parse_map(args.map), fmt=file_fmt, split=args.split,
+                    overwrite=args.overwrite, record_format=record_fmt, on_bad_row=args.on_bad_row, creds=args.creds)
     print(report.summary())  # rows per input, and notes: ignored fields, truncated conversations
     return 0
 
@@ -206,8 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="JSONL / CSV / Parquet / HF dataset -> Deep Lake (question, answer, source)")
     p.add_argument("inputs", nargs="+", help="input files (or a datasets.save_to_disk directory)")
     p.add_argument("--out", required=True, help="Deep Lake dataset path to create")
-    p.add_argument("--map", nargs="*", metavar="TARGET=FIELD", help="field mapping, e.g. question=instruction answer=output")
-    p.add_argument("--format", choices=["jsonl", "json", "csv", "parquet", "hf"], help="override format detection")
+    p.add_argument("--map", nargs="*", metavar="TARGET=FIELD",
+                   help="field mapping, e.g. question=instruction answer=output; a+b joins fields: "
+                        "question=instruction+input")
+    p.add_argument("--format", action="append", metavar="FORMAT",
+                   choices=["jsonl", "json", "csv", "tsv", "parquet", "hf", "qa", "alpaca", "chat", "sharegpt"],
+                   help="override detection: a file format (jsonl, json, csv, tsv, parquet, hf) and/or a record "
+                        "format (qa, alpaca, chat, sharegpt); repeat for both")
+    p.add_argument("--creds", metavar="JSON_FILE",
+                   help="credentials for an s3:// --out (aws_access_key_id, aws_secret_access_key, endpoint_url, "
+                        "aws_region); default: the AWS_* environment variables")
+    p.add_argument("--on-bad-row", choices=["fail", "skip"], default="fail",
+                   help="fail: report every bad row and write nothing (default); skip: write the good rows")
     p.add_argument("--split", help="split of a saved DatasetDict (default: train)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.set_defaults(func=cmd_ingest)
@@ -273,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except SftError as e:
         print(f"error: {e}", file=sys.stderr)
+        from sft.data.creds import abandoned_calls
+
+        if abandoned_calls():  # a Deep Lake call still in flight crashes a normal shutdown (sft.data.creds)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

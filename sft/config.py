@@ -115,6 +115,19 @@ class DataConfig:
         None, "Deep Lake dataset to train on (local path, s3://, gs://, az://, al://). Make one with `sft ingest`."
     )
     eval_path: Optional[str] = _f(None, "Held-out Deep Lake dataset for evaluation loss and accuracy.")
+    creds: Optional[Union[str, dict[str, str]]] = _f(
+        None,
+        "Object-store credentials for s3:// paths: a mapping (aws_access_key_id, aws_secret_access_key, "
+        "aws_session_token, endpoint_url, aws_region) or the path of a JSON file holding one; null: the standard "
+        "AWS_* environment variables. Secret values are never logged or written (summary.json shows <redacted>).",
+    )
+    read_timeout_s: float = _f(
+        60.0, "Seconds one remote read (a block of read_batch rows, or opening) may take before it is retried.", min=1
+    )
+    read_attempts: int = _f(
+        3, "Tries of a remote read before the run fails with a message naming the URL (bound: attempts x timeout).",
+        min=1,
+    )
     demo: bool = _f(False, "Generate the built-in demo task into `path` / `eval_path` when they do not exist.")
     demo_train_rows: int = _f(4000, "Rows of the generated demo train split.", min=1)
     demo_test_rows: int = _f(500, "Rows of the generated demo test split.", min=1)
@@ -193,7 +206,12 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting, as written to summary.json: secret values in data.creds are redacted."""
+        from sft.data.creds import redact
+
+        d = dataclasses.asdict(self)
+        d["data"]["creds"] = redact(d["data"]["creds"])
+        return d
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
@@ -216,6 +234,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in args) + " or null"
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
 
 
@@ -233,6 +253,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, a)
             except ConfigError:
                 pass  # try the union's next member
+        if any(typing.get_origin(a) is dict for a in args):  # may hold secrets (data.creds): name the type only
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got a {type(value).__name__}")
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -248,6 +270,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:  # values are not echoed in errors: a mapping may hold secrets (data.creds)
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ConfigError(f"{key}: expected a mapping of strings to strings")
+        return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")

@@ -90,7 +90,13 @@ def _source(cfg: RunConfig, path: str, shuffle: bool, rank: int, world: int):
     from sft.data.source import ShardedSource
 
     return ShardedSource(path, rank=rank, world_size=world, seed=cfg.training.seed, shuffle=shuffle,
-                         read_batch=cfg.data.read_batch)
+                         read_batch=cfg.data.read_batch, **_remote_args(cfg))
+
+
+def _remote_args(cfg: RunConfig) -> dict:
+    """data.creds and the bounds of remote reads, for every ShardedSource of the run."""
+    return {"creds": cfg.data.creds, "read_timeout_s": cfg.data.read_timeout_s,
+            "read_attempts": cfg.data.read_attempts}
 
 
 def _packed(cfg: RunConfig, tokenizer, source, infinite: bool):
@@ -143,7 +149,7 @@ class _Collator:
 def held_out_rows(cfg: RunConfig, n: int) -> list[dict[str, str]]:
     from sft.data.source import ShardedSource
 
-    src = ShardedSource(cfg.data.eval_path, shuffle=False, read_batch=cfg.data.read_batch)
+    src = ShardedSource(cfg.data.eval_path, shuffle=False, read_batch=cfg.data.read_batch, **_remote_args(cfg))
     rows = []
     for row in src.iter_rows(0):
         rows.append(row)

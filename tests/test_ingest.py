@@ -189,19 +189,24 @@ def test_chat_format(tmp_path):
     recs = [
         _conv(("user", "Hi?"), ("assistant", "Hello!")),
         _conv(("system", "Be terse."), ("user", "2+2?"), ("assistant", "4")),
-        _conv(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")),  # multi-turn: first exchange
+        _conv(("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")),  # multi-turn: every turn kept
         {"question": "plain", "answer": "record"},  # mixed files are fine: detection is per record
     ]
     p = _jsonl(tmp_path / "chat.jsonl", recs)
     out = str(tmp_path / "ds")
     report = ingest([p], out, progress=False)
-    assert report.truncated_conversations == 1 and "only the first user/assistant exchange" in report.summary()
-    assert _read(out)[0] == [
+    assert report.conversations == 2 and "2 conversation(s) stored with every turn" in report.summary()
+    rows = [{k: r[k] for k in ("question", "answer")} for r in _read(out)[0]]
+    assert rows == [  # question/answer: the first exchange (what readers of the two-column schema see)
         {"question": "Hi?", "answer": "Hello!"},
         {"question": "Be terse.\n\n2+2?", "answer": "4"},
         {"question": "a", "answer": "b"},
         {"question": "plain", "answer": "record"},
     ]
+    ds = deeplake.open_read_only(out)
+    conv = ds["conversation"][0:4]
+    assert conv[0] is None and conv[3] is None  # a plain exchange needs no conversation
+    assert json.loads(conv[1]) == recs[1]["messages"] and json.loads(conv[2]) == recs[2]["messages"]
 
 
 def test_chat_parquet_and_mapped_field(tmp_path):
@@ -236,9 +241,9 @@ def test_invalid_json_line(tmp_path):
 
 
 def test_missing_field_lists_fields_and_suggests_map(tmp_path):
-    p = _jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "i", "output": "o"}])
-    msg = _fail(tmp_path, [p], "alpaca.jsonl line 1: missing field 'question' for question")
-    assert "(the record has: instruction, output)" in msg and "--map question=instruction answer=output" in msg
+    p = _jsonl(tmp_path / "other.jsonl", [{"prompt": "i", "response": "o"}])
+    msg = _fail(tmp_path, [p], "other.jsonl line 1: missing field 'question' for question")
+    assert "(the record has: prompt, response)" in msg and "--map question=instruction answer=output" in msg
     p2 = _jsonl(tmp_path / "half.jsonl", [ROWS[0], {"question": "q", "output": "o"}])
     _fail(tmp_path, [p2], "half.jsonl line 2: missing field 'answer' for answer (the record has: question, output)")
 
@@ -387,8 +392,8 @@ def test_write_dataset_validates_rows(tmp_path):
     with pytest.raises(IngestError, match="no rows to write"):
         write_dataset(str(out), [], progress=False)
     _assert_clean(out)
-    with pytest.raises(IngestError, match="ingest writes local datasets only"):
-        write_dataset("s3://bucket/ds", [], progress=False)
+    with pytest.raises(IngestError, match="ingest writes local paths and s3:// object storage"):
+        write_dataset("gs://bucket/ds", [], progress=False)  # s3:// is tested against a real server: test_s3.py
 
 
 def test_progress_bar(tmp_path, capsys):

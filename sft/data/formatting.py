@@ -31,6 +31,17 @@ Special tokens
   is right because generation stops at ``<|im_end|>`` and never produces it. An end-of-turn token that is not the
   EOS token (e.g. Gemma's ``<end_of_turn>``) is kept as answer text, so the model learns it, and EOS follows it.
 
+Conversations
+-------------
+A row with a ``"conversation"`` (JSON text ``[{"role", "content"}, ...]``: optional system turns, then user /
+assistant turns alternating, ending with the assistant; see :mod:`sft.data.formats`) is formatted turn by turn.
+``default`` renders consecutive pairs ``Question: {user}\n\nAnswer: {assistant}`` separated by a blank line, the
+system turns (if any) opening the first question as in the row's ``question``. ``chat`` renders the whole
+conversation with the tokenizer's template. With ``answer_only`` every assistant reply is trained and everything
+else (system, user turns, the template's role headers, the ``Question:`` / ``Answer:`` scaffolding) is masked. In
+the chat template an earlier reply keeps its end-of-turn token (the model learns to stop after each turn; the
+whitespace after it is masked); the last reply ends like a single-turn answer (the packer's EOS).
+
 Tokenization of the answer part
 -------------------------------
 The prompt is tokenized on its own, so the boundary is exact. The answer tokens are the continuation of the full
@@ -42,6 +53,7 @@ alone and appended. Either way ``ids[:len(prompt_ids)] == prompt_ids``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from sft.errors import ConfigError, DataError
@@ -192,11 +204,95 @@ class Formatter:
         return out
 
     def rows(self, rows: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
-        """Tokenize a batch of rows ``{"question", "answer", ...}``."""
+        """Tokenize a batch of rows ``{"question", "answer", ...}`` (and ``"conversation"``, see above)."""
+        plain = [i for i, r in enumerate(rows) if not r.get("conversation")]
         try:
-            return self([r["question"] for r in rows], [r["answer"] for r in rows])
+            done = self([rows[i]["question"] for i in plain], [rows[i]["answer"] for i in plain])
         except KeyError as e:
             raise DataError(f"row has no {e.args[0]!r} field; rows need 'question' and 'answer'") from None
+        if len(plain) == len(rows):
+            return done
+        out: list = [None] * len(rows)
+        for i, pair in zip(plain, done):
+            out[i] = pair
+        for i, r in enumerate(rows):
+            if out[i] is None:
+                out[i] = self.conversation(_turns(r["conversation"]))
+        return out
+
+    # -- conversations --------------------------------------------------------------------------------------
+    def segments(self, turns: list[dict]) -> list[tuple[str, bool]]:
+        """``(text, is_assistant_reply)`` pieces whose concatenation is the trained text (before EOS)."""
+        if self.template == "default":
+            systems = [t["content"] for t in turns if t["role"] == "system"]
+            dialog = [t for t in turns if t["role"] != "system"]
+            out: list[tuple[str, bool]] = []
+            for k in range(0, len(dialog), 2):
+                question = dialog[k]["content"] if k or not systems else "\n\n".join([*systems, dialog[k]["content"]])
+                out.append((("\n\n" if k else "") + _DEFAULT_PROMPT.format(question=question), False))
+                out.append((_DEFAULT_ANSWER.format(answer=dialog[k + 1]["content"]), True))
+            return out
+        render = self.tokenizer.apply_chat_template
+        full = render(turns, tokenize=False)
+        out, pos = [], 0
+        last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+        for i, t in enumerate(turns):
+            if t["role"] != "assistant":
+                continue
+            prompt = render(turns[:i], add_generation_prompt=True, tokenize=False)
+            upto = full if i == last else render(turns[: i + 1], tokenize=False)
+            if not (full.startswith(prompt) and full.startswith(upto) and pos <= len(prompt) < len(upto)):
+                raise ConfigError(
+                    "data.template: the tokenizer's chat template does not render a conversation as its turns one "
+                    "after the other (an earlier turn renders differently once later turns follow), so the "
+                    "assistant replies cannot be separated; use template: default"
+                )
+            end = len(upto)
+            if self.eos_token and upto.rstrip().endswith(self.eos_token):
+                end = len(upto.rstrip()) - (len(self.eos_token) if i == last else 0)
+            out += [(full[pos:len(prompt)], False), (full[len(prompt):end], True)]
+            pos = end
+        return out
+
+    def conversation(self, turns: list[dict]) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of one conversation, without trailing EOS."""
+        segments = [(t, trained) for t, trained in self.segments(turns) if t]
+        texts = [t for t, _ in segments]
+        # The same rule as for one answer: keep the full text's own tokenization when every boundary falls between
+        # tokens (each prefix tokenizes to a prefix of the whole), else tokenize each piece alone.
+        prefixes = _encode(self.tokenizer, ["".join(texts[: k + 1]) for k in range(len(texts))])
+        full = prefixes[-1]
+        if all(full[: len(p)] == p for p in prefixes):
+            bounds = [0] + [len(p) for p in prefixes]
+            pieces = [full[a:b] for a, b in zip(bounds, bounds[1:])]
+        else:
+            pieces = _encode(self.tokenizer, texts)
+        ids = list(self.leading_ids)
+        labels = [IGNORE_INDEX] * len(ids) if self.answer_only else list(ids)
+        for piece, (_, trained) in zip(pieces, segments):
+            ids += piece
+            labels += piece if trained or not self.answer_only else [IGNORE_INDEX] * len(piece)
+        return ids, labels
+
+
+def _turns(value) -> list[dict]:
+    """A row's conversation (JSON text, or already a list) -> turns; DataError when it is not one."""
+    try:
+        turns = json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        turns = None
+    ok = isinstance(turns, list) and all(
+        isinstance(t, dict) and isinstance(t.get("content"), str) and t.get("role") in ("system", "user", "assistant")
+        for t in turns)
+    if ok:
+        roles = [t["role"] for t in turns]
+        dialog = roles[roles.count("system"):]  # system turns first, then user / assistant pairs
+        ok = bool(dialog) and len(dialog) % 2 == 0 and dialog == ["user", "assistant"] * (len(dialog) // 2)
+    if not ok:
+        raise DataError(f"row field 'conversation' is not a conversation (JSON list of system, then alternating "
+                        f"user / assistant turns ending with the assistant): {str(value)[:80]!r}; re-create the "
+                        f"dataset with `sft ingest`")
+    return turns
 
 
 def prompt_text(tokenizer, question: str, template: str = "default") -> str:

@@ -155,7 +155,7 @@ def dataset_lengths(source, tokenizer, template: str, answer_only: bool, cache_d
     """
     from sft import distributed as dist
     from sft.data.formatting import Formatter
-    from sft.data.source import ShardedSource, shard_range
+    from sft.data.source import shard_range
 
     identity = dataset_identity(source.path, source._dataset())
     key = cache_key(identity, tokenizer, template, answer_only)
@@ -165,8 +165,7 @@ def dataset_lengths(source, tokenizer, template: str, answer_only: bool, cache_d
     if dist.all_reduce_min_int(0 if cached is None else 1) == 1:
         return Counted(cached, True)
     info = dist.dist_info()
-    part = ShardedSource(source.path, rank=info.rank, world_size=info.world_size, shuffle=False,
-                         read_batch=max(256, source.order_params["read_batch"]))
+    part = source.contiguous_share(info.rank, info.world_size)
     lo, hi = shard_range(total, info.rank, info.world_size)
     mine = count_lengths(part.iter_rows(0), Formatter(tokenizer, template, answer_only), hi - lo,
                          progress=progress and dist.is_main_process(),

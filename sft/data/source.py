@@ -37,6 +37,9 @@ from sft.errors import DataError
 
 #: Columns training needs. Datasets written by ``sft ingest`` also have ``source`` (provenance; not read here).
 REQUIRED_COLUMNS = ("question", "answer")
+#: Optional text column: a row's whole conversation as JSON (sft.data.formats says why). Rows of datasets that
+#: have it carry a ``"conversation"`` key (``None`` for rows that are one plain exchange).
+CONVERSATION_COLUMN = "conversation"
 
 #: URL schemes handed to Deep Lake untouched. ``hub://`` is Deep Lake's alias of ``al://`` (Activeloop cloud).
 #: ``mem://`` is Deep Lake's in-process store (handy in experiments, empty in a fresh process).
@@ -107,13 +110,20 @@ def _is_text(dtype: Any) -> bool:
     return kind == deeplake.types.TypeKind.Nullable and "text" in str(dtype).lower()
 
 
-def open_dataset(path: str):
+#: Defaults of data.read_timeout_s / data.read_attempts: one remote call's deadline and tries (sft.data.creds).
+READ_TIMEOUT_S = 60.0
+READ_ATTEMPTS = 3
+
+
+def open_dataset(path: str, creds=None, *, timeout_s: float = READ_TIMEOUT_S, attempts: int = READ_ATTEMPTS):
     """Open the Deep Lake dataset at ``path`` read-only, after validating it for training.
 
     Local paths (and ``file://``) are checked on the filesystem first, so a typo never reaches Deep Lake and nothing
     is ever downloaded or created. Remote paths (``s3://``, ``gs://``, ``az://``, ``al://``, ``hub://``) go to
-    Deep Lake as-is; credentials come from the environment as Deep Lake documents. Any failure becomes a
-    :class:`DataError` naming the path.
+    Deep Lake with ``creds`` (``data.creds``: a mapping, a JSON file path, or None for the AWS environment
+    variables). ``deeplake.exists`` probes an s3:// path first: it answers a missing bucket and a wrong key in
+    milliseconds (opening retries a missing bucket for ~30 s). Remote calls are bounded (``timeout_s`` x
+    ``attempts``). Any failure becomes a :class:`DataError` naming the path (never the credentials).
 
     Returns a ``deeplake.ReadOnlyDataset`` with the :data:`REQUIRED_COLUMNS` as text columns and at least one row.
     """
@@ -122,13 +132,22 @@ def open_dataset(path: str):
     import deeplake
 
     target = path if is_remote(path) else _check_local(path)
+    if is_remote(path):
+        from sft.data.creds import bounded, remote_kwargs
+
+        kw = remote_kwargs(path, creds, timeout_s, attempts)  # fails fast on a wrong key or a missing bucket
     try:
-        ds = deeplake.open_read_only(target)
+        if is_remote(path):
+            ds = bounded(lambda: deeplake.open_read_only(target, **kw), path, "opening it", timeout_s, attempts)
+        else:
+            ds = deeplake.open_read_only(target)
+    except DataError:
+        raise
     except Exception as e:  # deeplake's errors share no base class beyond Exception
         if is_remote(path):
             raise DataError(
                 f"cannot open remote dataset {path}: {type(e).__name__}: {e}. Check the path, the network and the "
-                f"credentials (AWS_*/GOOGLE_*/AZURE_* env vars; ACTIVELOOP_TOKEN for al:// and hub://). "
+                f"credentials (data.creds, AWS_*/GOOGLE_*/AZURE_* env vars; ACTIVELOOP_TOKEN for al:// and hub://). "
                 f"Offline, ingest a local copy and train on it: `sft ingest FILE --out PATH`, then data.path=PATH."
             ) from e
         raise DataError(
@@ -224,6 +243,9 @@ class ShardedSource:
         seed: int = 0,
         shuffle: bool = True,
         read_batch: int = 256,
+        creds=None,
+        read_timeout_s: float = READ_TIMEOUT_S,
+        read_attempts: int = READ_ATTEMPTS,
     ) -> None:
         if not isinstance(read_batch, int) or isinstance(read_batch, bool) or read_batch < 1:
             raise ValueError(f"read_batch must be an int >= 1, got {read_batch!r}")
@@ -231,7 +253,11 @@ class ShardedSource:
             # SeedSequence rejects negative entropy; fail here with a clear message instead of mid-epoch.
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         self._path = path
-        self._ds = open_dataset(path)  # validates before any other work
+        # data.creds as given (a mapping or a file path); resolved again on a re-open, never written anywhere
+        self._creds = creds
+        self._read_timeout_s = float(read_timeout_s)
+        self._read_attempts = int(read_attempts)
+        self._ds = self._open()  # validates before any other work
         self._total = len(self._ds)
         self._rank = rank
         self._world_size = world_size
@@ -240,6 +266,7 @@ class ShardedSource:
         self._shuffle = bool(shuffle)
         self._read_batch = read_batch
         self._order_cache: tuple[int, np.ndarray] | None = None  # (epoch, this rank's row indices)
+        self._has_conversation = CONVERSATION_COLUMN in {c.name for c in self._ds.schema.columns}
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -286,15 +313,28 @@ class ShardedSource:
         state["_ds"] = None  # native handle; not picklable, and cheap to re-open
         return state
 
+    def _open(self):
+        return open_dataset(self._path, self._creds, timeout_s=self._read_timeout_s, attempts=self._read_attempts)
+
     def _dataset(self):
         if self._ds is None:
-            self._ds = open_dataset(self._path)
+            self._ds = self._open()
             if len(self._ds) != self._total:
                 raise DataError(
                     f"dataset {self._path} changed while in use ({self._total} -> {len(self._ds)} rows). "
                     f"Do not modify a dataset during training; write a new one with `sft ingest ... --out NEW_PATH`."
                 )
         return self._ds
+
+    def contiguous_share(self, rank: int, world_size: int) -> "ShardedSource":
+        """The same dataset (same handle, credentials and read bounds), unshuffled: rank ``rank``'s contiguous
+        ``shard_range`` in dataset order (what a pass over every row, split across ranks, reads)."""
+        import copy
+
+        share = copy.copy(self)
+        share._rank, share._world_size, share._shuffle, share._order_cache = rank, world_size, False, None
+        share._lo, share._hi = shard_range(self._total, rank, world_size)
+        return share
 
     # ------------------------------------------------------------------------------------------ order
     def indices(self, epoch: int) -> np.ndarray:
@@ -308,9 +348,22 @@ class ShardedSource:
         return self._order_cache[1]
 
     # ------------------------------------------------------------------------------------------ reading
-    def _read(self, index) -> tuple[list, list]:
-        """One read per column: a slice (contiguous rows) or a list of row indices, in that order."""
+    def _read(self, index) -> tuple[list, ...]:
+        """One read per column (a slice of contiguous rows, or a list of row indices: rows come in that order);
+        on an object store, bounded in time (a store that goes away mid-epoch: a DataError naming the URL)."""
+        if not is_remote(self._path):
+            return self._read_columns(index)
+        from sft.data.creds import bounded
+
+        where = (f"reading rows {index.start}..{index.stop - 1}" if isinstance(index, slice)
+                 else f"reading {len(index)} rows from row {min(index)}")
+        return bounded(lambda: self._read_columns(index), self._path, where, self._read_timeout_s,
+                       self._read_attempts)
+
+    def _read_columns(self, index) -> tuple[list, ...]:
         ds = self._dataset()
+        if self._has_conversation:
+            return ds["question"][index], ds["answer"][index], ds[CONVERSATION_COLUMN][index]
         return ds["question"][index], ds["answer"][index]
 
     def _check_value(self, value: Any, row: int, column: str) -> str:
@@ -353,22 +406,25 @@ class ShardedSource:
                 # read in row order (1.45x the rows/s of reading in the permutation's order: 295k vs 204k rows/s
                 # on a 100k-row local dataset), then put the rows back in the permutation's order
                 by_row = np.argsort(chunk, kind="stable")
-                q_sorted, a_sorted = self._read(chunk[by_row].tolist())
+                columns = self._read(chunk[by_row].tolist())
                 back = np.empty_like(by_row)
                 back[by_row] = np.arange(len(by_row))
-                questions = [q_sorted[i] for i in back] if len(q_sorted) == len(chunk) else q_sorted
-                answers = [a_sorted[i] for i in back] if len(a_sorted) == len(chunk) else a_sorted
+                columns = tuple([c[i] for i in back] if len(c) == len(chunk) else c for c in columns)
             else:  # consecutive rows: one column slice
-                questions, answers = self._read(slice(first, first + len(chunk)))
+                columns = self._read(slice(first, first + len(chunk)))
+            questions, answers, *conversations = columns
             if len(questions) != len(chunk) or len(answers) != len(chunk):
                 raise DataError(
                     f"dataset {self._path}: {len(chunk)} rows from row {first} could not be read (got "
                     f"{len(questions)} questions, {len(answers)} answers); the dataset changed or is damaged. "
                     f"Re-create it with `sft ingest`."
                 )
-            for row, q, a in zip(chunk, questions, answers):
-                yield {"question": self._check_value(q, int(row), "question"),
+            for i, (row, q, a) in enumerate(zip(chunk, questions, answers)):
+                out = {"question": self._check_value(q, int(row), "question"),
                        "answer": self._check_value(a, int(row), "answer")}
+                if conversations:
+                    out[CONVERSATION_COLUMN] = conversations[0][i]
+                yield out
 
     def iter_epochs(self, start_epoch: int = 0, start: int = 0) -> Iterator[tuple[int, int, dict[str, str]]]:
         """Loop over epochs forever, yielding ``(epoch, position, row)``.
