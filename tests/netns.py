@@ -10,6 +10,7 @@ removed by :meth:`Hosts.close` (the namespaces, and with them their interfaces a
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -57,6 +58,7 @@ class Hosts:
             self.close()
             raise
         self.tag = tag
+        atexit.register(self.close)  # also when the test process ends without running fixture teardown
 
     # ----------------------------------------------------------------------------------------- facts
     def addr(self, node: int, peer: int = 1) -> str:
@@ -89,6 +91,12 @@ class Hosts:
     def set_link(self, node: int, up: bool) -> None:
         """Cut (or restore) node ``node``'s link to node 0, on node ``node``'s side."""
         _ip("-n", self.names[node], "link", "set", self.links[node][1], "up" if up else "down")
+
+    def sysctl(self, key: str, value: str) -> None:
+        """Set a per-namespace network sysctl on every node (e.g. ``net.ipv4.tcp_slow_start_after_idle``)."""
+        for ns in self.names:
+            subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"], check=True,
+                           capture_output=True, text=True)
 
     def cap(self, node: int, rate: str) -> None:
         """A token-bucket bandwidth cap (``tbf``, e.g. ``rate='100mbit'``) on both ends of node ``node``'s link."""

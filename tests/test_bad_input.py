@@ -61,22 +61,26 @@ class Result:
     out: str
     err: str
 
+    def __iter__(self):  # rc, out, err = run_cli(...)
+        return iter((self.rc, self.out, self.err))
+
+
+def run_cli(capsys, *argv) -> Result:
+    """Run the real CLI in this process; the environment it sets (offline mode, telemetry) is undone after."""
+    saved = dict(os.environ)
+    try:
+        rc = cli.main([str(a) for a in argv])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    out, err = capsys.readouterr()
+    return Result(rc, out, err)
+
 
 @pytest.fixture
 def sft(capsys):
-    """Run the real CLI in this process; the environment it sets (offline mode, telemetry) is undone after."""
-
-    def run(*argv) -> Result:
-        saved = dict(os.environ)
-        try:
-            rc = cli.main([str(a) for a in argv])
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-        out, err = capsys.readouterr()
-        return Result(rc, out, err)
-
-    return run
+    """``sft(*argv)``: :func:`run_cli` with this test's captured output."""
+    return lambda *argv: run_cli(capsys, *argv)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import os
 import deeplake
 import pytest
 
-from sft import cli
+from tests.test_bad_input import sft  # noqa: F401  (the in-process CLI fixture)
 from sft.data.ingest import ingest
 from sft.errors import IngestError
 
@@ -27,21 +27,6 @@ def _nothing_at(out) -> None:
     out = str(out)
     assert not os.path.exists(out), f"{out} was written"
     assert glob.glob(out + ".tmp-*") == []
-
-
-@pytest.fixture
-def sft(capsys):
-    def run(*argv):
-        saved = dict(os.environ)
-        try:
-            rc = cli.main([str(a) for a in argv])
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
 
 
 def _mixed(tmp_path) -> str:

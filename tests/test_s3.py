@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sft import cli
+from tests.test_bad_input import run_cli
 from sft.data.ingest import write_dataset
 from sft.data.source import ShardedSource
 
@@ -101,17 +101,6 @@ def assert_no_secret(server: S3Server, *texts: str, dirs: tuple[Path, ...] = ())
             if p.is_file():
                 data = p.read_bytes()
                 assert server.secret.encode() not in data and server.key_id.encode() not in data, p
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    saved = dict(os.environ)
-    try:
-        rc = cli.main([str(a) for a in argv])
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 ROWS = [{"question": f"What colour is item {i}?", "answer": f"Item {i} is {['red', 'blue', 'green'][i % 3]}.",
