@@ -60,6 +60,10 @@ class CostModel:
     latency_s: float
     batch: int = 1
     buckets: int | None = None  # None: DDP's default bucketing of grad_bytes
+    #: per-step cost of running data-parallel at all, beyond the gradient all-reduce's bytes and latency (DDP's
+    #: reducer, the per-step token-count and loss collectives, the collective library's threads sharing the cores):
+    #: measured as (N-rank step over a fast link) - (one rank's step) - (that link's all-reduce); 0 for N = 1
+    overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.t_compute_s <= 0:
@@ -74,8 +78,12 @@ class CostModel:
     def allreduce_s(self, n: int) -> float:
         return ring_allreduce_seconds(self.grad_bytes, n, self.bandwidth_Bps, self.latency_s, self.n_buckets)
 
+    def comm_s(self, n: int) -> float:
+        """Communication per step: the all-reduce plus the data-parallel overhead (none on one rank)."""
+        return self.allreduce_s(n) + (self.overhead_s if n > 1 else 0.0)
+
     def weak_step_s(self, n: int) -> float:
-        return self.t_compute_s + self.allreduce_s(n)
+        return self.t_compute_s + self.comm_s(n)
 
     def weak_efficiency(self, n: int) -> float:
         return self.t_compute_s / self.weak_step_s(n)
@@ -84,11 +92,11 @@ class CostModel:
         return self.t_compute_s * (global_batch / n) / self.batch
 
     def strong_step_s(self, n: int, global_batch: int) -> float:
-        return self.strong_compute_s(n, global_batch) + self.allreduce_s(n)
+        return self.strong_compute_s(n, global_batch) + self.comm_s(n)
 
     def strong_efficiency(self, n: int, global_batch: int) -> float:
         c = self.strong_compute_s(n, global_batch)
-        return c / (c + self.allreduce_s(n))
+        return c / (c + self.comm_s(n))
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -225,10 +225,11 @@ BIG_LORA = ("lora.target_modules=[all-linear]", "lora.r=64", "lora.alpha=64", "t
 
 
 def test_slow_link_step_time_matches_the_cost_model(hosts, work):
-    """With a tbf bandwidth cap on the link, the all-reduce micro-benchmark over that link and one node's measured
-    step predict the 2-node step time. Measured on the 2-core VM (the note of the session has the table): within
-    10% at 1 Gbit/s and 15-24% short at 100 Mbit/s, so the bound asserted here is 30%; the issue's 15% is not met
-    yet at 100 Mbit/s (the model misses some per-step cost that grows on a slow link)."""
+    """With a tbf bandwidth cap on the link, the all-reduce micro-benchmark over that link, one node's measured
+    step and the data-parallel overhead measured once over the uncapped link predict the 2-node step time.
+    Measured on the 2-core VM (README, "Scaling model, checked"): errors between -14% and +24% from run to run,
+    because one node's step itself moves by up to 20% between runs on this shared machine; the bound asserted here
+    is 30%, the issue's 15% is met in some runs and not in others."""
     from benchmarks.costmodel import CostModel
 
     def compute_step(tag: str) -> float:
@@ -243,29 +244,36 @@ def test_slow_link_step_time_matches_the_cost_model(hosts, work):
         assert all(p.returncode == 0 for p in procs), outs[0][-3000:]
         return sum(_summary(work / f"compute-{tag}-{r}")["step_time_median_s"] for r in (0, 1)) / 2
 
-    rows = []
-    if os.environ.get("SFT_TEST_SSAI"):
-        hosts.sysctl("net.ipv4.tcp_slow_start_after_idle", os.environ["SFT_TEST_SSAI"])
-    try:
-        for cap in ("100mbit", "1gbit"):
-            # the single-node step is measured just before and after the 2-node run (a shared machine drifts)
-            before = compute_step(f"{cap}-before")
+    def two_node_step(tag: str, cap: str | None) -> tuple[float, dict, float]:
+        """(measured 2-node step, the link's all-reduce fit, one node's step measured around it)."""
+        before = compute_step(f"{tag}-before")
+        if cap:
             hosts.cap(1, cap)
-            link = _allreduce_over_link(hosts, work, cap)
-            out = work / f"capped-{cap}"
+        try:
+            link = _allreduce_over_link(hosts, work, tag)
+            out = work / f"two-{tag}"
             procs = _start_nodes(hosts, work, _train_args(work / "ds", out, *BIG_LORA), free_port())
             outs = [finish(p, timeout=400) for p in procs]
             assert all(p.returncode == 0 for p in procs), outs[0][-3000:]
+        finally:
             hosts.uncap(1)
-            after = compute_step(f"{cap}-after")
-            measured = _summary(out)["step_time_median_s"]
-            t1 = (before + after) / 2
-            grad_bytes = 4 * _summary(out)["trainable_params"]  # fp32 LoRA gradients, one DDP bucket
-            predicted = CostModel(t1, grad_bytes, link["bandwidth_Bps"], link["latency_s"], batch=2).weak_step_s(2)
-            rows.append((cap, link["bandwidth_Bps"], link["latency_s"], t1, predicted, measured))
-    finally:
-        hosts.uncap(1)
-    report = "\n".join(f"{c}: link {bw * 8 / 1e6:.0f} Mbit/s, {lat * 1e6:.0f} us; compute {t1 * 1e3:.1f} ms; "
+        after = compute_step(f"{tag}-after")
+        return _summary(out)["step_time_median_s"], link, (before + after) / 2
+
+    grad_bytes = 4 * 262144  # tiny-llama, LoRA r64 on every linear layer: fp32 gradients, one DDP bucket
+    # the data-parallel overhead, measured once over the uncapped link (then checked at each cap)
+    free_step, free_link, free_t1 = two_node_step("free", None)
+    free_model = CostModel(free_t1, grad_bytes, free_link["bandwidth_Bps"], free_link["latency_s"], batch=2)
+    overhead = max(0.0, free_step - free_t1 - free_model.allreduce_s(2))
+    rows = []
+    for cap in ("100mbit", "1gbit"):
+        measured, link, t1 = two_node_step(cap, cap)
+        predicted = CostModel(t1, grad_bytes, link["bandwidth_Bps"], link["latency_s"], batch=2,
+                              overhead_s=overhead).weak_step_s(2)
+        rows.append((cap, link["bandwidth_Bps"], link["latency_s"], t1, predicted, measured))
+    assert _summary(work / "two-free")["trainable_params"] * 4 == grad_bytes
+    report = f"uncapped: step {free_step * 1e3:.1f} ms, one node {free_t1 * 1e3:.1f} ms -> overhead " \
+             f"{overhead * 1e3:.1f} ms\n" + "\n".join(f"{c}: link {bw * 8 / 1e6:.0f} Mbit/s, {lat * 1e6:.0f} us; compute {t1 * 1e3:.1f} ms; "
                        f"predicted {p * 1e3:.1f} ms, measured {m * 1e3:.1f} ms ({(p - m) / m:+.1%})"
                        for c, bw, lat, t1, p, m in rows)
     print(report)
