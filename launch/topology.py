@@ -29,6 +29,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sft.runs import format_int_list
+
 # ISA flags (from /proc/cpuinfo) that matter for bf16 training speed on CPU.
 INTERESTING_FLAGS = (
     "amx_bf16",
@@ -151,16 +153,7 @@ def parse_cpu_list(text: str) -> list[int]:
 
 def format_cpu_list(cpus) -> str:
     """Inverse of :func:`parse_cpu_list`: [0,1,2,3,8] -> "0-3,8"."""
-    cpus = sorted(set(cpus))
-    parts: list[str] = []
-    i = 0
-    while i < len(cpus):
-        j = i
-        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
-            j += 1
-        parts.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
-        i = j + 1
-    return ",".join(parts)
+    return format_int_list(cpus)
 
 
 # ---- parsers (pure) ----------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from sft.runs import format_int_list
+
 RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
@@ -294,17 +296,6 @@ def all_reduce_max_flag(flag: bool) -> bool:
     return bool(t.item())
 
 
-def _format_cpus(cpus) -> str:
-    """[0, 1, 2, 5] -> "0-2,5"."""
-    out: list[list[int]] = []
-    for c in sorted(cpus):
-        if out and out[-1][1] == c - 1:
-            out[-1][1] = c
-        else:
-            out.append([c, c])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
-
-
 def all_reduce_min_int(value: int) -> int:
     """The smallest ``value`` over all ranks (e.g. steps per epoch, so every rank takes the same number of steps)."""
     if not is_initialized() or dist.get_world_size() == 1:
@@ -338,7 +329,7 @@ def run_metadata() -> dict:
     """Facts to store with run outputs: backend, world size, threads per rank, pinning."""
     info = dist_info()
     try:
-        affinity = _format_cpus(os.sched_getaffinity(0))
+        affinity = format_int_list(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         affinity = None
     backend = info.backend or ("none" if info.world_size == 1 else os.environ.get("SFT_BACKEND"))

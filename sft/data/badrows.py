@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 from sft.errors import IngestError
+from sft.runs import runs
 
 POLICIES = ("fail", "skip")
 
@@ -29,16 +30,8 @@ def check_policy(on_bad_row: str) -> str:
 def _ranges(numbers: list[int]) -> str:
     """[2, 4, 5, 6, 9] -> "2, 4-6, 9" when runs are long; plain lists stay plain."""
     parts: list[str] = []
-    i = 0
-    while i < len(numbers):
-        j = i
-        while j + 1 < len(numbers) and numbers[j + 1] == numbers[j] + 1:
-            j += 1
-        if j - i >= 2:
-            parts.append(f"{numbers[i]}-{numbers[j]}")
-        else:
-            parts.extend(str(n) for n in numbers[i:j + 1])
-        i = j + 1
+    for lo, hi in runs(numbers):
+        parts.extend([f"{lo}-{hi}"] if hi - lo >= 2 else (str(n) for n in range(lo, hi + 1)))
     return ", ".join(parts)
 
 
