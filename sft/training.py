@@ -99,15 +99,6 @@ def _remote_args(cfg: RunConfig) -> dict:
             "read_attempts": cfg.data.read_attempts}
 
 
-def _packed(cfg: RunConfig, tokenizer, source, infinite: bool):
-    from sft.data.packing import PackedDataset
-
-    return PackedDataset(
-        rows_fn=source.iter_rows, tokenizer=tokenizer, template=cfg.data.template, seq_length=cfg.data.seq_length,
-        answer_only=cfg.data.answer_only, overlong=cfg.data.overlong, infinite=infinite,
-    )
-
-
 def uses_bf16(cfg: RunConfig) -> bool:
     """Whether the run computes in bf16 (autocast / DeepSpeed bf16): the bf16-mixed policy, or a 4-bit base
     dequantized to bf16."""
@@ -551,6 +542,7 @@ def train(cfg: RunConfig) -> RunSummary:
     # Steps per epoch (every rank takes the same number: the smallest share) and whether evaluation has data,
     # from the rows' token lengths: cached per dataset version and tokenizer, counted once otherwise, not needed
     # when max_steps is set (sft.data.steps).
+    from sft.data.packing import PackedDataset
     from sft.data.steps import plan_steps
 
     per_step = cfg.training.per_device_train_batch_size * cfg.training.gradient_accumulation_steps
@@ -566,7 +558,7 @@ def train(cfg: RunConfig) -> RunSummary:
 
     eval_dataset = None
     if plan.has_eval:
-        eval_dataset = _packed(cfg, tokenizer, eval_src, infinite=False)
+        eval_dataset = PackedDataset.for_source(cfg.data, tokenizer, eval_src, infinite=False)
     elif eval_src is not None and cfg.training.eval_strategy != "no" and dist.is_main_process():
         log.warning("data.eval_path holds less than one block of tokens: evaluation loss is skipped")
 
@@ -613,7 +605,7 @@ def train(cfg: RunConfig) -> RunSummary:
                   "merged model after training")
     timer = StepTimer(tokens_per_step=per_step * cfg.data.seq_length * world)
     losses: list[float] = []
-    train_dataset = _packed(cfg, tokenizer, train_src, infinite=True)
+    train_dataset = PackedDataset.for_source(cfg.data, tokenizer, train_src, infinite=True)
     train_dataset.report_overlong = plan.counting == "skipped"  # else the counting pass reported them already
 
     def checkpoint_extras(directory: Path) -> None:

@@ -13,7 +13,7 @@ from sft.data.ingest import write_dataset
 from sft.data.lengths import cache_key, dataset_identity, dataset_lengths, stream_stats
 from sft.data.packing import PackedDataset, count_blocks
 from sft.data.source import ShardedSource
-from sft.data.steps import rank_rows
+from sft.data.steps import rank_shares
 from tests.test_bad_input import sft  # noqa: F401  (the in-process CLI fixture)
 from tests.test_formatting import load_smollm2, smollm2_cache_root
 
@@ -45,7 +45,7 @@ def test_blocks_from_lengths_equal_a_packing_pass(tok, ds, tmp_path, overlong, t
     lengths = dataset_lengths(src, tok, template, answer_only, str(tmp_path / "c")).lengths
     for world, rank, epoch in ((1, 0, 0), (2, 1, 0), (3, 0, 2)):
         share = ShardedSource(ds, rank=rank, world_size=world, seed=9)
-        idx = rank_rows(share.total_rows, rank, world, True, 9, epoch)
+        idx = rank_shares(share.total_rows, world, True, 9, epoch)[rank]
         assert idx.tolist() == share.indices(epoch).tolist()  # the rows the source streams
         for L in (64, 160):
             want = count_blocks(share.iter_rows(epoch), tok, template, L, answer_only=answer_only, overlong=overlong)

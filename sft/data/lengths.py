@@ -147,6 +147,26 @@ class Counted:
     cached: bool  # True when read from the cache (no counting pass ran)
 
 
+def _key(source, tokenizer, template: str, answer_only: bool) -> str:
+    return cache_key(dataset_identity(source.path, source._dataset()), tokenizer, template, answer_only)
+
+
+def _cached(source, key: str, cache_dir: str | None) -> Counted | None:
+    from sft import distributed as dist
+
+    cached = load_cached(cache_dir, key, source.total_rows)
+    # every rank must take the same branch (one rank's cache may be on a node-local disk the others lack)
+    return Counted(cached, True) if dist.all_reduce_min_int(0 if cached is None else 1) == 1 else None
+
+
+def cached_lengths(source, tokenizer, template: str, answer_only: bool, cache_dir: str | None) -> Counted | None:
+    """The cached lengths of every row of ``source``'s dataset if every rank has them, else None (no counting).
+
+    Collective when several ranks run: call it on every rank with the same arguments.
+    """
+    return _cached(source, _key(source, tokenizer, template, answer_only), cache_dir)
+
+
 def dataset_lengths(source, tokenizer, template: str, answer_only: bool, cache_dir: str | None,
                     progress: bool = False) -> Counted:
     """Lengths of every row of ``source``'s dataset, from the cache or from a counting pass shared by the ranks.
@@ -157,13 +177,11 @@ def dataset_lengths(source, tokenizer, template: str, answer_only: bool, cache_d
     from sft.data.formatting import Formatter
     from sft.data.source import shard_range
 
-    identity = dataset_identity(source.path, source._dataset())
-    key = cache_key(identity, tokenizer, template, answer_only)
+    key = _key(source, tokenizer, template, answer_only)
+    hit = _cached(source, key, cache_dir)
+    if hit is not None:
+        return hit
     total = source.total_rows
-    cached = load_cached(cache_dir, key, total)
-    # every rank must take the same branch (one rank's cache may be on a node-local disk the others lack)
-    if dist.all_reduce_min_int(0 if cached is None else 1) == 1:
-        return Counted(cached, True)
     info = dist.dist_info()
     part = source.contiguous_share(info.rank, info.world_size)
     lo, hi = shard_range(total, info.rank, info.world_size)

@@ -262,6 +262,14 @@ class PackedDataset(torch.utils.data.IterableDataset):
         self._history: deque[tuple[int, tuple[int, int, int]]] = deque(maxlen=max(1, history))
         self._history.append((0, self._cursor))
 
+    @classmethod
+    def for_source(cls, data, tokenizer, source, infinite: bool) -> "PackedDataset":
+        """The packed stream of a :class:`~sft.data.source.ShardedSource` with the ``data:`` settings of a run
+        (``data`` a DataConfig: template, seq_length, answer_only, overlong)."""
+        return cls(rows_fn=source.iter_rows, tokenizer=tokenizer, template=data.template,
+                   seq_length=data.seq_length, answer_only=data.answer_only, overlong=data.overlong,
+                   infinite=infinite)
+
     # -- cursor ---------------------------------------------------------------------------------------------
     def state_dict(self, blocks: int | None = None) -> dict:
         """The cursor after the last yielded block, or after exactly ``blocks`` blocks (must be recent)."""

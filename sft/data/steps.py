@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sft.data.lengths import dataset_lengths, stream_stats
+from sft.data.lengths import cached_lengths, dataset_lengths, stream_stats
 from sft.data.packing import all_skipped_error, check_and_report
 from sft.data.source import epoch_permutation, shard_range
 
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 class StepPlan:
     steps_per_epoch: int | None  # None when not counted (max_steps set)
     counting: str  # "counted", "cached" or "skipped"
-    eval_blocks: int | None  # the most blocks any rank's eval share packs into (None: no evaluation)
     has_eval: bool  # some rank's eval share packs into at least one block (every rank joins every evaluation)
 
 
@@ -47,21 +46,17 @@ def length_cache_dir(setting: str | None) -> str | None:
     return os.path.expanduser(setting)
 
 
-def rank_rows(total: int, rank: int, world: int, shuffle: bool, seed: int, epoch: int = 0) -> np.ndarray:
-    """The dataset rows rank ``rank`` reads in ``epoch`` (the same rows :class:`ShardedSource` streams)."""
-    lo, hi = shard_range(total, rank, world)
-    if not shuffle:
-        return np.arange(lo, hi)
-    return epoch_permutation(total, seed, epoch)[lo:hi]
+def rank_shares(total: int, world: int, shuffle: bool, seed: int, epoch: int = 0) -> list[np.ndarray]:
+    """The dataset rows each rank reads in ``epoch`` (what :class:`ShardedSource` streams), from one permutation."""
+    order = epoch_permutation(total, seed, epoch) if shuffle else np.arange(total)
+    return [order[slice(*shard_range(total, r, world))] for r in range(world)]
 
 
 def _probe(cfg, tokenizer, source) -> None:
     """Pack the first block of this rank's stream: raises the overlong policy's error if it leaves nothing."""
     from sft.data.packing import PackedDataset
 
-    probe = PackedDataset(rows_fn=source.iter_rows, tokenizer=tokenizer, template=cfg.data.template,
-                          seq_length=cfg.data.seq_length, answer_only=cfg.data.answer_only,
-                          overlong=cfg.data.overlong, infinite=False)
+    probe = PackedDataset.for_source(cfg.data, tokenizer, source, infinite=False)
     next(iter(probe), None)  # a finite pass stops after one epoch: an epoch with fewer tokens than a block is fine
 
 
@@ -73,17 +68,8 @@ def plan_steps(cfg, tokenizer, train_src, eval_src, per_step: int, world: int) -
     progress = cfg.training.progress
     epochs_counted = "epoch" in (cfg.training.save_strategy,
                                  cfg.training.eval_strategy if eval_src is not None else "no")
-    counted = None
     if cfg.training.max_steps > 0 and not epochs_counted:
-        from sft.data.lengths import cache_key, dataset_identity, load_cached
-
-        key = cache_key(dataset_identity(train_src.path, train_src._dataset()), tokenizer, cfg.data.template,
-                        cfg.data.answer_only)
-        lengths = load_cached(cache, key, train_src.total_rows)
-        if dist.all_reduce_min_int(0 if lengths is None else 1) == 1:
-            from sft.data.lengths import Counted
-
-            counted = Counted(lengths, True)
+        counted = cached_lengths(train_src, tokenizer, cfg.data.template, cfg.data.answer_only, cache)
     else:
         counted = dataset_lengths(train_src, tokenizer, cfg.data.template, cfg.data.answer_only, cache, progress)
 
@@ -101,20 +87,17 @@ def plan_steps(cfg, tokenizer, train_src, eval_src, per_step: int, world: int) -
             check_and_report(whole, L, overlong)
         elif whole.skipped and not whole.documents:
             raise all_skipped_error(whole.skipped, L)
-        blocks = [stream_stats(counted.lengths[rank_rows(train_src.total_rows, r, world, cfg.data.shuffle,
-                                                         cfg.training.seed)], L, overlong).blocks
-                  for r in range(world)]
+        blocks = [stream_stats(counted.lengths[rows], L, overlong).blocks
+                  for rows in rank_shares(train_src.total_rows, world, cfg.data.shuffle, cfg.training.seed)]
         steps_per_epoch = min(blocks) // per_step
         if dist.is_main_process():
             how = "from the length cache" if counted.cached else "counted"
             print(f"data: {train_src.total_rows:,} rows, {min(blocks):,}-{max(blocks):,} blocks of {L} tokens per "
                   f"rank in epoch 0 ({how}): {steps_per_epoch} steps per epoch")
 
-    has_eval, eval_blocks = False, None
+    has_eval = False
     if eval_src is not None and cfg.training.eval_strategy != "no":
         ev = dataset_lengths(eval_src, tokenizer, cfg.data.template, cfg.data.answer_only, cache, progress)
-        per_rank = [stream_stats(ev.lengths[rank_rows(eval_src.total_rows, r, world, False, 0)], L, overlong).blocks
-                    for r in range(world)]
-        eval_blocks = max(per_rank)
-        has_eval = eval_blocks >= 1
-    return StepPlan(steps_per_epoch=steps_per_epoch, counting=counting, eval_blocks=eval_blocks, has_eval=has_eval)
+        has_eval = any(stream_stats(ev.lengths[rows], L, overlong).blocks >= 1
+                       for rows in rank_shares(eval_src.total_rows, world, False, 0))
+    return StepPlan(steps_per_epoch=steps_per_epoch, counting=counting, has_eval=has_eval)
