@@ -257,5 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     return sft_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
+def register(sub) -> None:
+    """``sft bench`` (the ``sft.commands`` entry point ``bench``, see pyproject.toml)."""
+    p = sub.add_parser("bench", help="throughput / MFU / memory benchmarks with the seed recipe as baseline")
+    add_bench_arguments(p)
+    p.set_defaults(func=bench_command)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

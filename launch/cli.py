@@ -172,5 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     return launch_command(args)
 
 
+def register(sub) -> None:
+    """``sft plan`` and ``sft launch`` (the ``sft.commands`` entry point ``launch``, see pyproject.toml)."""
+    p = sub.add_parser("plan", help="print the launch plan for this machine's sockets / NUMA nodes / nodes")
+    add_plan_arguments(p)
+    p.set_defaults(func=plan_command)
+    p = sub.add_parser("launch", help="run a train command with the launch plan (accelerate launch / mpirun)")
+    add_launch_arguments(p)
+    p.set_defaults(func=launch_command)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -200,6 +200,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Entry-point group through which tools built on sft add subcommands (launch/ adds plan and launch, benchmarks/
+#: adds bench; see pyproject.toml). The library never imports them: they depend on sft, not the reverse.
+COMMANDS_GROUP = "sft.commands"
+
+
+def _add_plugin_commands(sub) -> None:
+    """Register each ``sft.commands`` entry point: a function ``register(subparsers)`` that adds its subcommands.
+    One that cannot be imported (a trimmed install) is left out, with a debug line."""
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            register = ep.load()
+        except ImportError as e:
+            logging.getLogger(__name__).debug("sft: subcommands %s not available: %s", ep.name, e)
+            continue
+        register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sft", description="LoRA / QLoRA fine-tuning on Xeon CPUs and NVIDIA GPUs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -256,26 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file")
     p.set_defaults(func=cmd_export)
 
-    try:
-        from launch.cli import add_launch_arguments, add_plan_arguments, launch_command, plan_command
-    except ImportError:  # launch/ is not importable (e.g. a trimmed install)
-        pass
-    else:
-        p = sub.add_parser("plan", help="print the launch plan for this machine's sockets / NUMA nodes / nodes")
-        add_plan_arguments(p)
-        p.set_defaults(func=plan_command)
-        p = sub.add_parser("launch", help="run a train command with the launch plan (accelerate launch / mpirun)")
-        add_launch_arguments(p)
-        p.set_defaults(func=launch_command)
-
-    try:
-        from benchmarks.cli import add_bench_arguments, bench_command
-    except ImportError:
-        pass
-    else:
-        p = sub.add_parser("bench", help="throughput / MFU / memory benchmarks with the seed recipe as baseline")
-        add_bench_arguments(p)
-        p.set_defaults(func=bench_command)
+    _add_plugin_commands(sub)
     return parser
 
 
