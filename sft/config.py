@@ -62,7 +62,7 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sft_varlen", "sdpa", "eager", "flash_attention_2"] = _f(
         "auto",
         "Attention kernel. sft_varlen: SDPA per packed document (causal, no mask; documents isolated, masked "
-        "work skipped; sft/attention.py), falling back to sdpa outside training. auto: sft_varlen on CPU for models whose own mask "
+        "work skipped; sft/ops/attention.py), falling back to sdpa outside training. auto: sft_varlen on CPU for models whose own mask "
         "lets packed documents see each other (OPT), sdpa otherwise (Llama family: transformers' block-diagonal "
         "mask isolates them) and on GPU (flash_attention_2 is the GPU varlen kernel where installed).",
     )
@@ -82,7 +82,7 @@ class ModelConfig:
     chunked_loss: bool = _f(
         True,
         "Compute lm_head + cross-entropy in chunks of labelled tokens, never materialising the full fp32 logits "
-        "(sft/loss.py; saves ~3 GB at 8 x 512 tokens x 50k vocab). Model types without a plain lm_head keep "
+        "(sft/ops/loss.py; saves ~3 GB at 8 x 512 tokens x 50k vocab). Model types without a plain lm_head keep "
         "their own loss.",
     )
     revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) for hub ids.")

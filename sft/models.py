@@ -27,6 +27,7 @@ import torch
 
 from sft.config import LoraSection, ModelConfig, QuantizationConfig
 from sft.errors import ConfigError, ModelError
+from sft.ops.capabilities import supports
 
 log = logging.getLogger(__name__)
 
@@ -440,14 +441,12 @@ def resolve_attention(name: str, model_type: str | None = None) -> str:
     documents at no cost in speed; on SmolLM2-135M it halved the attention kernels' time in a profile (1.34 s
     -> 0.75 s per 2 x 512 step) but the end-to-end step was within noise (1.02x vs 1.05x) and peak RSS rose
     (per-document tensors), so the Llama family keeps sdpa by default."""
-    from sft.attention import MASK_ISOLATES_PACKED
-
     if name == "auto":
         # every device: a model whose own mask lets packed documents see each other (OPT) needs per-document
         # attention, on CUDA too (its sdpa ignores position ids exactly as on CPU)
-        name = "sft_varlen" if model_type is not None and model_type not in MASK_ISOLATES_PACKED else "sdpa"
+        name = "sft_varlen" if model_type is not None and not supports("mask_isolates_packed", model_type) else "sdpa"
     if name == "sft_varlen":
-        from sft.attention import register
+        from sft.ops.attention import register
 
         register()
     return name
@@ -696,7 +695,7 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, lora_cfg: LoraSection | Non
         # own fetch of the same tensor ("Cannot free a ZeRO-3 parameter while it is still active").
         log.info("model.chunked_loss: not used under DeepSpeed ZeRO-3 (the model's own loss runs)")
     elif model_cfg.chunked_loss:
-        from sft.loss import install_chunked_loss
+        from sft.ops.loss import install_chunked_loss
 
         if not install_chunked_loss(model):
             log.info("model.chunked_loss: %s is not a supported model type; using its own loss",
@@ -740,10 +739,6 @@ def set_base_dropout(model: torch.nn.Module, p: float) -> int:
     return n
 
 
-_GATED_MLP_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3", "gemma",
-                               "gemma2", "mixtral"})
-
-
 def layer_activation_bytes(config, tokens: int, dtype: str, quant_mode: str = "none") -> int:
     """Estimated activation memory autograd keeps for ONE decoder layer over ``tokens`` tokens (no checkpointing).
 
@@ -753,7 +748,7 @@ def layer_activation_bytes(config, tokens: int, dtype: str, quant_mode: str = "n
     intermediate. 4 bytes per element in fp32, ~2.5 under bf16 autocast (bf16 activations, fp32 norms)."""
     hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0)
     inter = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden
-    gated = getattr(config, "model_type", "") in _GATED_MLP_TYPES
+    gated = supports("gated_mlp", getattr(config, "model_type", ""))
     floats = 10 * hidden + 2.5 * inter if gated else 6 * hidden + 1.5 * inter
     per_elem = 4.0 if dtype == "fp32" and quant_mode == "none" else 2.5
     return int(tokens * floats * per_elem)

@@ -363,7 +363,7 @@ def _make_trainer_class():
             and skips it otherwise, and the loss is sum(token losses) / labelled tokens over all ranks."""
             from torch.utils.data import DataLoader
 
-            from sft.attention import packed_blocks
+            from sft.ops.attention import packed_blocks
 
             ds = eval_dataset if eval_dataset is not None else self.eval_dataset
             dist.set_phase("eval", self.state.global_step)

@@ -9,7 +9,7 @@ import torch
 
 from sft.config import LoraSection, ModelConfig, QuantizationConfig
 from sft.data.packing import pack_examples
-from sft.loss import chunked_causal_lm_loss, install_chunked_loss
+from sft.ops.loss import chunked_causal_lm_loss, install_chunked_loss
 from sft.metrics import checkpointing_fraction
 from sft.models import (add_lora, resolve_attention, apply_checkpointing, arch_config, build_random, choose_checkpointing, layer_activation_bytes,
                         load_model_and_tokenizer, logits_bytes, set_base_dropout)

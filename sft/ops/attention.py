@@ -24,10 +24,6 @@ import torch
 import torch.nn.functional as F
 
 NAME = "sft_varlen"
-# Model types whose transformers mask is built from position ids (create_causal_mask(..., position_ids=...)), so
-# packed documents are already isolated under plain sdpa.
-MASK_ISOLATES_PACKED = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "smollm3", "gemma",
-                                  "gemma2", "gemma3_text", "mixtral", "granite"})
 
 
 _packed = contextvars.ContextVar("sft_packed_blocks", default=False)

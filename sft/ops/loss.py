@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 
+from sft.ops.capabilities import supports
+
 IGNORE_INDEX = -100
-# Model types whose causal-LM head is exactly ``lm_head(last_hidden_state)`` (no logit scaling or soft-capping),
-# and whose ``base_model_prefix`` module returns that hidden state. Others keep their own loss.
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "opt", "phi3", "olmo", "olmo2", "smollm3"})
 
 
 def default_chunk(vocab: int, budget_bytes: int = 128 * 2**20) -> int:
@@ -128,7 +127,7 @@ def install_chunked_loss(model, chunk: int | None = None) -> bool:
     model's own forward runs unchanged. Call before wrapping the model with PEFT."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    if getattr(model.config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+    if not supports("plain_lm_head", getattr(model.config, "model_type", None)):
         return False
     head = model.get_output_embeddings()
     body = getattr(model, model.base_model_prefix, None)
