@@ -8,7 +8,7 @@ Modules, in the order a run uses them:
 ``machine``    machine facts (CPU, flags, GPU, library versions, git commit) and spec peak FLOP/s.
 ``runner``     runs each cell in its own subprocess (or set of rank processes), aggregates per-rank results,
                appends them to ``benchmarks/results/<date>-<host>.jsonl``.
-``cell``       the subprocess side: builds the run through ``sft.training`` (variant ``framework``) or
+``cell``       the subprocess side: builds the run through ``sft.recipe.train`` (variant ``framework``) or
                ``benchmarks.baseline`` (variant ``baseline``) with instrumentation on the same Trainer.
 ``baseline``   the seed recipe (Trainer + PEFT, bf16 weights with fp32 1-D params under autocast, naive packing).
 ``report``     Markdown table (printed with rich, saved as .md) and PNG plots.

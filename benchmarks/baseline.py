@@ -1,7 +1,7 @@
 """The seed recipe, kept as the benchmark baseline: what every speed-up is measured against.
 
 The seed project fine-tuned OPT-1.3B on LIMA with TRL's ``SFTTrainer(packing=True)`` + PEFT. Reproduced here with
-the pieces today's libraries still have, deliberately independent of ``sft.training`` / ``sft.data`` so that work on
+the pieces today's libraries still have, deliberately independent of ``sft.recipe`` / ``sft.data`` so that work on
 the framework's training path never moves the baseline:
 
 * model: loaded in bf16, then every 1-D parameter (norms, biases) cast to fp32 ("cast 1-D params to fp32"), trained
@@ -117,7 +117,7 @@ def load_seed_model(model_name: str, quantization: str, dtype: str, seed: int = 
     return model
 
 
-def build_trainer(spec: Any, dataset: str, output_dir: str, max_steps: int, trainer_cls=None, seed: int = 42):
+def build_trainer(spec: Any, dataset: str, output_dir: str, max_steps: int, callbacks=(), seed: int = 42):
     """A ready-to-train seed-recipe Trainer for a bench cell (``spec``: benchmarks.matrix.CellSpec)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
@@ -156,6 +156,5 @@ def build_trainer(spec: Any, dataset: str, output_dir: str, max_steps: int, trai
         seed=seed,
         **SEED_TRAINING,
     )
-    cls = trainer_cls or Trainer
-    return cls(model=model, args=args, train_dataset=train_dataset,
-               data_collator=DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False))
+    return Trainer(model=model, args=args, train_dataset=train_dataset, callbacks=list(callbacks),
+                   data_collator=DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False))

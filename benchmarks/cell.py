@@ -1,18 +1,17 @@
 """One benchmark cell, run in its own process (one per rank): ``python -m benchmarks.cell SPEC.json``.
 
-Both variants train with a ``transformers.Trainer`` subclass carrying the same instrumentation, so their numbers
-are measured identically:
+Both variants train with a ``transformers.Trainer`` carrying the same instrumentation, one ``TrainerCallback``
+(:class:`RecorderCallback`), so their numbers are measured identically:
 
-* ``framework``: ``sft.training.train(cfg)`` -- the code ``sft train`` runs -- with a RunConfig built from the
-  cell's axes and the variant's overrides (benchmarks.matrix.framework_overrides). The instrumentation enters
-  through ``sft.training._make_trainer_class`` (wrapped, not replaced: the ShardAwareTrainer stays in place).
-* ``baseline``: benchmarks.baseline.build_trainer (the seed recipe).
+* ``framework``: ``sft.train(cfg, callbacks=[recorder])`` -- the code ``sft train`` runs, through the public API --
+  with a RunConfig built from the cell's axes and the variant's overrides (benchmarks.matrix.framework_overrides).
+* ``baseline``: benchmarks.baseline.build_trainer (the seed recipe), with the same callback.
 
 What is recorded per rank (written to ``result.rank<R>.json`` next to the spec):
 
 * the wall time at the end of every optimizer step (CUDA synchronised first), and when training began;
-* the time spent inside ``next()`` on the Trainer's data iterator for every step (data wait: reading, tokenizing,
-  packing, collating and copying the batch -- what the step waited for);
+* the data wait of every step: from the previous step's end (or the start of training) to the step's first
+  forward, i.e. what the Trainer spent reading, tokenizing, packing, collating and copying the batches;
 * tokens per step: all positions, non-padding positions (attention_mask when the batch has one; packed blocks
   have no padding), positions with a label (!= -100); sequences per step;
 * model and hardware FLOPs per token (sft.metrics.flops_per_token), trainable parameters and their gradient bytes;
@@ -74,23 +73,23 @@ class Recorder:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
-    def on_batches(self, seconds: float, batches: list[dict]) -> None:
-        self.data_wait.append(seconds)
-        tokens = samples = 0
-        nonpad, labelled = [], []
-        for b in batches:
-            ids = b["input_ids"]
-            tokens += ids.numel()
-            samples += ids.shape[0]
-            mask = b.get("attention_mask")
-            nonpad.append(mask.sum() if mask is not None else ids.numel())
-            labels = b.get("labels")
-            if labels is not None:
-                labelled.append((labels != -100).sum())
-        self.tokens.append(tokens)
-        self.samples.append(samples)
-        self._nonpad.append(nonpad)
-        self._labelled.append(labelled)
+    def on_batch(self, inputs: dict) -> None:
+        """One micro-batch's inputs, as the model's forward receives them."""
+        ids = inputs["input_ids"]
+        self.tokens[-1] += ids.numel()
+        self.samples[-1] += ids.shape[0]
+        mask = inputs.get("attention_mask")
+        self._nonpad[-1].append(mask.sum() if mask is not None else ids.numel())
+        labels = inputs.get("labels")
+        if labels is not None:
+            self._labelled[-1].append((labels != -100).sum())
+
+    def on_step_begin(self, waited: float) -> None:
+        self.data_wait.append(waited)
+        self.tokens.append(0)
+        self.samples.append(0)
+        self._nonpad.append([])
+        self._labelled.append([])
 
     def on_loss(self, loss) -> None:
         self._losses.append(loss.detach())
@@ -108,7 +107,7 @@ class Recorder:
 
     # -- output
     def result(self) -> dict:
-        from sft import distributed as dist
+        from sft import dist
         from sft.metrics import cuda_memory, peak_rss_bytes
 
         def total(xs) -> int:
@@ -142,77 +141,55 @@ class Recorder:
         }
 
 
-class _TimedIterator:
-    """Wraps the Trainer's epoch iterator and adds up the time spent in ``next()``."""
-
-    def __init__(self, it):
-        self.it, self.seconds = it, 0.0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        t = time.perf_counter()
-        try:
-            return next(self.it)
-        finally:
-            self.seconds += time.perf_counter() - t
-
-
-def instrument(trainer_cls, rec: Recorder):
-    """A subclass of ``trainer_cls`` that reports to ``rec`` (nothing else changes)."""
+def recorder_callback(rec: Recorder):
+    """The TrainerCallback that reports to ``rec``: training start, every step's end, and, through forward hooks
+    on the model, every micro-batch's inputs (tokens, labels) and loss, and when its step's first forward began."""
     from transformers import TrainerCallback
 
-    class _Callback(TrainerCallback):
+    class RecorderCallback(TrainerCallback):
+        def __init__(self):
+            self.last_end = None
+            self.in_step = False
+
         def on_train_begin(self, args, state, control, model=None, **kw):
             rec.on_train_begin(model)
+            model.register_forward_pre_hook(self._inputs, with_kwargs=True)
+            model.register_forward_hook(self._output)
+            self.last_end = time.perf_counter()
+
+        def _inputs(self, module, args, kwargs):
+            if not module.training:
+                return
+            if not self.in_step:  # the step's first forward: the data wait ends here
+                rec.on_step_begin(time.perf_counter() - self.last_end)
+                self.in_step = True
+            rec.on_batch(kwargs if "input_ids" in kwargs else dict(zip(("input_ids",), args)))
+
+        def _output(self, module, args, output):
+            if module.training and getattr(output, "loss", None) is not None:
+                rec.on_loss(output.loss)
 
         def on_step_end(self, args, state, control, **kw):
             rec.on_step_end()
+            self.last_end, self.in_step = time.perf_counter(), False
 
-    class BenchTrainer(trainer_cls):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self.add_callback(_Callback())
-
-        def get_batch_samples(self, epoch_iterator, num_batches, device):
-            timed = _TimedIterator(epoch_iterator)
-            batches, num_items = super().get_batch_samples(timed, num_batches, device)
-            rec.on_batches(timed.seconds, batches)
-            return batches, num_items
-
-        def training_step(self, *a, **kw):
-            loss = super().training_step(*a, **kw)
-            rec.on_loss(loss)
-            return loss
-
-    BenchTrainer.__name__ = f"Bench{trainer_cls.__name__}"
-    return BenchTrainer
+    return RecorderCallback()
 
 
 def run_framework(spec: dict, dataset: str, max_steps: int, work: Path, rec: Recorder) -> None:
-    import sft.training as training
+    import sft
     from benchmarks.matrix import CellSpec, run_config_for
 
     cfg = run_config_for(CellSpec.from_dict(spec), dataset, str(work / "framework-run"), max_steps)
-    make = getattr(training, "_make_trainer_class", None)
-    if make is None:
-        raise RuntimeError("sft.training no longer has _make_trainer_class: update benchmarks/cell.py's hook")
-    training._make_trainer_class = lambda: instrument(make(), rec)
-    try:
-        training.train(cfg)
-    finally:
-        training._make_trainer_class = make
+    sft.train(cfg, callbacks=[recorder_callback(rec)])
 
 
 def run_baseline(spec: dict, dataset: str, max_steps: int, work: Path, rec: Recorder) -> None:
-    from transformers import Trainer
-
     from benchmarks.baseline import build_trainer
     from benchmarks.matrix import CellSpec
 
     trainer = build_trainer(CellSpec.from_dict(spec), dataset, str(work / "baseline-run"), max_steps,
-                            trainer_cls=instrument(Trainer, rec))
+                            callbacks=[recorder_callback(rec)])
     trainer.train()
 
 

@@ -1,4 +1,4 @@
-"""Record of how the one-command demo's settings were chosen (task: ``sft.data.demo``).
+"""Record of how the one-command demo's settings were chosen (task: ``sft.demo``).
 
 Plain peft + a minimal torch loop, deliberately independent of the framework's trainer, so that the numbers say what
 the task and the hyper-parameters can do on their own:
@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from sft.data.demo import evaluate_accuracy, generate_examples  # noqa: E402
+from sft.demo.task import evaluate_accuracy, generate_examples  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -40,10 +40,10 @@ write_dataset(sys.argv[1] + "/train", rows(3000, 1), progress=False)
 write_dataset(sys.argv[1] + "/eval", rows(64, 2), progress=False)
 PY
 
-common=(model.name=arch:llama-1b model.dtype=bf16-mixed data.demo=false "data.path=$data/train"
+common=(model.name=arch:llama-1b model.dtype=bf16-mixed demo.generate=false "data.path=$data/train"
         "data.eval_path=$data/eval" data.seq_length=1024 training.per_device_train_batch_size=4
         training.max_steps=20 training.eval_strategy=steps training.eval_steps=20 training.save_strategy=no
-        training.accuracy_samples=0 training.logging_steps=5 training.progress=false)
+        demo.accuracy_samples=0 training.logging_steps=5 training.progress=false)
 run() {  # name, accelerate config, extra train overrides...
   local name=$1 config=$2; shift 2
   local t0=$(date +%s)

@@ -29,7 +29,7 @@ A list value sweeps an axis; ``lora_targets`` is a list itself, so a sweep of it
 also carry ``overrides`` (RunConfig ``section.key: value`` applied to its framework cells).
 
 Variants name a code path. ``baseline`` is the seed recipe (benchmarks/baseline.py); every other variant runs
-``sft.training`` with RunConfig overrides on top of the cell's axes, so a variant is one line of YAML
+``sft.recipe.train`` with RunConfig overrides on top of the cell's axes, so a variant is one line of YAML
 (``compile: {overrides: {training.torch_compile: true}}``) and is validated against sft.config before anything
 runs.
 """
@@ -69,7 +69,7 @@ TOP_KEYS = ("name", "description", "steps", "warmup", "dataset_rows", "defaults"
 
 @dataclass
 class Variant:
-    """A code path: ``runner`` baseline (the seed recipe) or framework (sft.training), plus RunConfig overrides."""
+    """A code path: ``runner`` baseline (the seed recipe) or framework (sft.recipe.train), plus RunConfig overrides."""
 
     runner: str = "framework"
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -78,7 +78,7 @@ class Variant:
 
 BUILTIN_VARIANTS: dict[str, Variant] = {
     "baseline": Variant("baseline", {}, "the seed recipe: Trainer + PEFT, naive packing (benchmarks/baseline.py)"),
-    "framework": Variant("framework", {}, "sft's default training path (sft.training with a RunConfig)"),
+    "framework": Variant("framework", {}, "sft's default training path (sft.recipe.train with a RunConfig)"),
     "compile": Variant("framework", {"training.torch_compile": True}, "framework + torch.compile"),
     "lora-dropout-0": Variant("framework", {"lora.dropout": 0.0}, "framework with LoRA dropout 0"),
     "no-position-ids": Variant("framework", {"data.position_ids": False},

@@ -72,7 +72,7 @@ def _moto(tmp: Path) -> tuple[subprocess.Popen, dict]:
 
 
 def _rows(kind: str, n: int):
-    from sft.data.demo import generate_examples
+    from sft.demo import generate_examples
 
     if kind == "short":
         yield from generate_examples(n, seed=0, split="train")

@@ -61,7 +61,7 @@ oneccl_bindings_for_pytorch does not exist. Measured 5-11x SLOWER than gloo on a
   (DeepSpeed's op builder adds no include path and no rpath), LOCAL_SIZE (DeepSpeed's shm op), SFT_BACKEND=ds-ccl,
   and the oneCCL variables of backend ``ccl`` (one core per rank reserved for the oneCCL worker);
 * it does NOT set ACCELERATE_USE_CPU: with it the DEEPSPEED config is silently ignored and the run is plain DDP
-  over gloo (MULTI_CPU). ``sft launch`` removes an inherited one. The ranks' sft.distributed then creates a gloo
+  over gloo (MULTI_CPU). ``sft launch`` removes an inherited one. The ranks' sft.dist then creates a gloo
   group and forces DeepSpeed's CCLBackend on it (the workaround from the report).
 
 Because launch.pin's ``--env`` values are only defaults (a variable the launcher's env already has is kept),
@@ -256,7 +256,7 @@ def resolve_backend(backend: str) -> str:
     if backend != "auto":
         return backend
     try:
-        from sft.distributed import choose_backend
+        from sft.dist import choose_backend
 
         chosen = choose_backend("cpu")
         if chosen in EXPERIMENTAL_BACKENDS:  # $SFT_BACKEND=ds-ccl must not turn "auto" into ds-ccl
@@ -610,7 +610,7 @@ def make_plan(
         notes.append(
             "EXPERIMENTAL backend ds-ccl: DeepSpeed ZeRO-2 (configs/deepspeed/cpu_zero2_ccl.json) with the gradient "
             "all-reduce on oneCCL through DeepSpeed's deepspeed_ccl_comm op, forced onto a gloo group by "
-            "sft.distributed (torch >= 2.9 has no 'ccl' process group). It was 5-11x SLOWER than gloo on a small "
+            "sft.dist (torch >= 2.9 has no 'ccl' process group). It was 5-11x SLOWER than gloo on a small "
             f"shared machine (2 cores; measured table: {CPU_COLLECTIVES_REPORT}, section 2): re-measure on your "
             "nodes before using it, gloo stays the default"
         )

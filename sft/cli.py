@@ -37,21 +37,13 @@ def _quiet_environment() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
-def _is_hub_id(name: str | None) -> bool:
-    """Whether a model / tokenizer name is fetched from the Hugging Face hub (the rules of sft.models.resolve_source:
-    not arch:/embedded:, not a .gguf file, not an existing or path-like local path)."""
-    if not name or name == "bytes" or name.startswith(("arch:", "embedded:")) or name.endswith(".gguf"):
-        return False
-    if os.path.exists(os.path.expanduser(name)):
-        return False
-    return not (name.startswith((".", "/", "~")) or name.count("/") > 1)
-
-
 def _offline_unless_hub(*names: str | None) -> None:
     """No surprise network: the Hugging Face libraries run offline (HF_HUB_OFFLINE=1) unless one of ``names`` is a
     hub id, i.e. unless the config asks for a remote model. Called before they are imported (they read the variable
     at import). A user's own HF_HUB_OFFLINE wins."""
-    if not any(_is_hub_id(n) for n in names):
+    from sft.models.sources import is_hub_id
+
+    if not any(is_hub_id(n) for n in names):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -107,10 +99,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     _offline_unless_hub(cfg.model.name, cfg.model.tokenizer)
     if "wandb" not in cfg.training.report_to:
         os.environ.setdefault("WANDB_MODE", "disabled")  # off unless the config asks for it
-    from sft import distributed as dist
-    from sft.training import train
+    from sft import demo, dist
+    from sft.recipe import train
 
-    summary = train(cfg)
+    # the demo task plugs in through the public API: its data, and its exact-match accuracy as run hooks
+    if cfg.demo.generate:
+        demo.prepare_data(cfg)
+    summary = train(cfg, callbacks=demo.hooks(cfg))
     if dist.is_main_process():
         print_summary(summary)
     return 0

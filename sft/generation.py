@@ -72,3 +72,16 @@ def load_for_generation(path: str, dtype: torch.dtype = torch.float32):
     source = resolve_source(cfg)
     model = load_base_model(cfg, QuantizationConfig(), source=source)
     return model.to(dtype), load_tokenizer(cfg, source), source.describe()
+
+
+def generate(model: str, prompts: list[str], max_new_tokens: int = 32, template: str = "default",
+             raw: bool = False) -> list[str]:
+    """Greedy answers of ``model`` (an adapter dir, a merged or local model dir, or any ``model.name``) to
+    ``prompts``, each formatted as in training (``template``) unless ``raw``."""
+    from sft.data.formatting import prompt_text
+
+    m, tokenizer, _ = load_for_generation(model)
+    texts = prompts if raw else [prompt_text(tokenizer, p, template) for p in prompts]
+    out = generate_texts(m, tokenizer, texts, max_new_tokens=max_new_tokens,
+                         add_special_tokens=raw or template == "default")
+    return [t.strip() for t in out]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -91,23 +91,6 @@ def cuda_memory() -> dict[str, int]:
     }
 
 
-def measure_bf16_peak(size: int = 2048, seconds: float = 2.0, device: str | None = None) -> float:
-    """Achieved bf16 GEMM FLOP/s on this machine (the denominator of MFU), measured, not taken from a spec sheet."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
-    b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
-    for _ in range(2):
-        a @ b
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        n += 1
-    sync()
-    return 2 * size**3 * n / (time.perf_counter() - t0)
-
-
 @dataclass
 class StepTimer:
     """Wall time of optimizer steps, excluding evaluation and checkpoint saves (flagged by the caller)."""
@@ -154,10 +137,6 @@ class StepTimer:
             "first_step_s": self.first_step_s or float("nan"),
             "measured_steps": len(self.times),
         }
-
-
-def as_dict(obj) -> dict:
-    return asdict(obj)
 
 
 # --------------------------------------------------------------------------------------------- benchmark helpers

@@ -1,7 +1,7 @@
 """``output_dir/training.png``: one picture of a run, drawn from the Trainer's log history.
 
 Four panels against the optimizer step: loss (train and eval), learning rate, tokens/s, and peak memory per rank
-(the numbers :mod:`sft.tracking` logs at every logging step). The caption names the machine and the run.
+(the numbers :mod:`sft.trainer.tracking` logs at every logging step). The caption names the machine and the run.
 """
 
 from __future__ import annotations

@@ -138,10 +138,10 @@ def good_ds(tmp_path_factory) -> Path:
 
 def train_args(out: Path, data_path, *extra) -> list[str]:
     """A tiny, fast run: random-init tiny-llama, 1 step, nothing saved but the adapter, no merge."""
-    return ["train", "--config", "demo", "model=arch:tiny-llama", "model.dtype=fp32", "data.demo=false",
+    return ["train", "--config", "demo", "model=arch:tiny-llama", "model.dtype=fp32", "demo.generate=false",
             f"data.path={data_path}", "data.eval_path=null", "data.seq_length=32", "training.max_steps=1",
             "training.per_device_train_batch_size=2", "training.eval_strategy=no", "training.save_strategy=no",
-            "training.progress=false", "training.accuracy_samples=0", "training.merge=false",
+            "training.progress=false", "demo.accuracy_samples=0", "training.merge=false",
             "training.warmup_steps=0", "training.logging_steps=1", f"training.output_dir={out}", *extra]
 
 
@@ -314,7 +314,8 @@ def overlong_ds(tmp_path_factory) -> Path:
 def test_overlong_policies_count_and_report(overlong_ds, caplog, policy, counts, note):
     """The counting pass training runs (count_blocks over the Deep Lake source) reports the affected samples; the
     packer that feeds the trainer counts the same."""
-    from sft.data.packing import PackedDataset, count_blocks
+    from sft.data.lengths import count_blocks
+    from sft.data.packing import PackedDataset
     from sft.data.source import ShardedSource
     from sft.models import byte_tokenizer
 

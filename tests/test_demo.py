@@ -3,7 +3,7 @@
 import datetime as dt
 import re
 
-from sft.data.demo import exact_match, generate_examples, ledger_format
+from sft.demo import exact_match, generate_examples, ledger_format
 
 
 def test_rows_follow_the_rule():

@@ -22,8 +22,8 @@ BIN = Path(sys.executable).parent
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 TRAIN = [
-    "-m", "sft.cli", "train", "model.name=arch:tiny-llama", "model.dtype=fp32", "data.demo=false",
-    "data.eval_path=null", "data.shuffle=false", "training.accuracy_samples=0", "training.eval_strategy=no",
+    "-m", "sft.cli", "train", "model.name=arch:tiny-llama", "model.dtype=fp32", "demo.generate=false",
+    "data.eval_path=null", "data.shuffle=false", "demo.accuracy_samples=0", "training.eval_strategy=no",
     "training.save_strategy=no", "training.progress=false", "training.logging_steps=1", "lora.dropout=0.0",
     "lora.target_modules=[all-linear]", "training.learning_rate=1e-2", "training.warmup_steps=0",
 ]

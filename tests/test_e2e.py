@@ -40,11 +40,11 @@ def trained_run(tmp_path_factory):
                 "--map", "question=instruction", "answer=output", cwd=work)
     proc = run_sft(
         "train", "--config", "demo",
-        "model.name=arch:tiny-llama", "model.dtype=fp32", "data.demo=false",
+        "model.name=arch:tiny-llama", "model.dtype=fp32", "demo.generate=false",
         f"data.path={work / 'ds-train'}", f"data.eval_path={work / 'ds-test'}",
         "data.seq_length=64", "training.max_steps=40", "training.per_device_train_batch_size=4",
         "training.learning_rate=1e-2", "training.warmup_steps=2", "training.logging_steps=1",
-        "training.accuracy_samples=0", "training.eval_strategy=no", "training.save_strategy=steps",
+        "demo.accuracy_samples=0", "training.eval_strategy=no", "training.save_strategy=steps",
         "training.save_steps=20", f"training.output_dir={work / 'out'}", "training.progress=false",
         "lora.dropout=0.0", "lora.target_modules=[all-linear]",
         cwd=work,

@@ -451,7 +451,7 @@ def test_ds_ccl_one_node_accelerate_only():
 
 
 def test_auto_never_picks_ds_ccl(monkeypatch):
-    from sft import distributed as sd
+    from sft import dist as sd
 
     monkeypatch.setenv("SFT_BACKEND", "ds-ccl")  # even with the env of a ds-ccl rank
     monkeypatch.setattr(sd, "_deepspeed_importable", lambda: True)
@@ -533,18 +533,18 @@ def test_launch_dry_run_picks_node_command(capsys, monkeypatch):
     assert cli.launch_command(_args(["--topology", str(SPR), "--dry-run"])) == 2  # no training command
 
 
-# ---- sft.distributed -----------------------------------------------------------------------------------------
+# ---- sft.dist -----------------------------------------------------------------------------------------
 def test_choose_backend(monkeypatch):
     import torch.distributed as dist
 
-    from sft import distributed as sd
+    from sft import dist as sd
 
     monkeypatch.delenv("SFT_BACKEND", raising=False)
     assert sd.choose_backend("cuda") == "nccl" and sd.choose_backend("cuda:1") == "nccl"
-    expected = "ccl" if sd._ccl_importable() else ("mpi" if dist.is_mpi_available() else "gloo")
+    expected = "ccl" if sd.ccl._ccl_importable() else ("mpi" if dist.is_mpi_available() else "gloo")
     assert sd.choose_backend("cpu") == expected
     assert sd.choose_backend("cpu", "gloo") == "gloo"
-    if not sd._ccl_importable():
+    if not sd.ccl._ccl_importable():
         with pytest.raises(RuntimeError):
             sd.choose_backend("cpu", "ccl")
     with pytest.raises(RuntimeError):
@@ -552,7 +552,7 @@ def test_choose_backend(monkeypatch):
 
 
 def test_choose_backend_ds_ccl_only_when_requested(monkeypatch):
-    from sft import distributed as sd
+    from sft import dist as sd
 
     monkeypatch.delenv("SFT_BACKEND", raising=False)
     monkeypatch.setattr(sd, "_deepspeed_importable", lambda: True)
@@ -571,7 +571,7 @@ def test_ds_ccl_init_gloo_first_then_deepspeed_ccl(monkeypatch):
 
     import torch.distributed as dist
 
-    from sft import distributed as sd
+    from sft import dist as sd
 
     calls: list = []
 
@@ -621,7 +621,7 @@ def test_ds_ccl_init_gloo_first_then_deepspeed_ccl(monkeypatch):
 
 
 def test_dist_info_from_mpi_env(monkeypatch):
-    from sft import distributed as sd
+    from sft import dist as sd
 
     for v in sd.RANK_VARS + sd.WORLD_SIZE_VARS + sd.LOCAL_RANK_VARS + sd.LOCAL_SIZE_VARS:
         monkeypatch.delenv(v, raising=False)

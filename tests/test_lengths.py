@@ -11,7 +11,8 @@ import pytest
 from sft.data.formatting import Formatter
 from sft.data.ingest import write_dataset
 from sft.data.lengths import cache_key, dataset_identity, dataset_lengths, stream_stats
-from sft.data.packing import PackedDataset, count_blocks
+from sft.data.lengths import count_blocks
+from sft.data.packing import PackedDataset
 from sft.data.source import ShardedSource
 from sft.data.steps import rank_shares
 from tests.test_bad_input import sft  # noqa: F401  (the in-process CLI fixture)

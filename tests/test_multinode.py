@@ -29,10 +29,10 @@ STEPS, SAVE = 24, 4
 
 
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["-m", "sft.cli", "train", "model.name=arch:tiny-llama", "model.dtype=fp32", "data.demo=false",
+    return ["-m", "sft.cli", "train", "model.name=arch:tiny-llama", "model.dtype=fp32", "demo.generate=false",
             f"data.path={data}", "data.eval_path=null", "data.seq_length=32", f"training.max_steps={STEPS}",
             "training.per_device_train_batch_size=2", "training.eval_strategy=no", "training.save_strategy=steps",
-            f"training.save_steps={SAVE}", "training.progress=false", "training.accuracy_samples=0",
+            f"training.save_steps={SAVE}", "training.progress=false", "demo.accuracy_samples=0",
             "training.merge=false", "training.logging_steps=1", "training.learning_rate=5e-3",
             "training.warmup_steps=0", f"training.output_dir={out}", *extra]
 

@@ -173,11 +173,11 @@ def pipeline(blocked):
             f.write(json.dumps({"instruction": f"What colour is item {i}?", "output": f"Item {i} is red."}) + "\n")
     steps = {
         "ingest": ["ingest", "train.jsonl", "--out", "ds", "--map", "question=instruction", "answer=output"],
-        "train": ["train", "--config", "demo", "model=arch:tiny-llama", "model.dtype=fp32", "data.demo=false",
+        "train": ["train", "--config", "demo", "model=arch:tiny-llama", "model.dtype=fp32", "demo.generate=false",
                   "data.path=ds", "data.eval_path=null", "data.seq_length=32", "training.max_steps=2",
                   "training.per_device_train_batch_size=2", "training.eval_strategy=no", "training.save_strategy=no",
-                  "training.accuracy_samples=0", "training.progress=false", "training.merge=true",
-                  "training.output_dir=run", "training.max_new_tokens=4"],
+                  "demo.accuracy_samples=0", "training.progress=false", "training.merge=true",
+                  "training.output_dir=run", "demo.max_new_tokens=4"],
         "merge": ["merge", "--adapter", "run/adapter", "--out", "merged"],
     }
     results = []
@@ -210,7 +210,7 @@ def test_offline_mode_and_telemetry_switches(pipeline):
 def test_a_hub_model_is_the_only_thing_that_reaches_out(blocked, pipeline):
     """A config naming a hub id is allowed its hub look-up (offline mode stays off), and nothing else; without a
     network that is one failed DNS query and an error naming the local alternatives."""
-    p = blocked.run("train", "--config", "demo", "model=facebook/opt-125m", "data.demo=false", "data.path=ds",
+    p = blocked.run("train", "--config", "demo", "model=facebook/opt-125m", "demo.generate=false", "data.path=ds",
                     "data.eval_path=null", "training.output_dir=hubrun")
     assert p.returncode == 2, p.stderr
     assert "is a hub id that is not in the local cache, and the hub cannot be reached" in p.stderr
@@ -255,7 +255,7 @@ def test_a_pickled_checkpoint_is_never_loaded(pickled_model_dir, tmp_path, capsy
                 f"(unpickling can run arbitrary code). Convert them once to safetensors")
     saved = dict(os.environ)
     try:
-        rc = cli.main(["train", "--config", "demo", f"model={model}", "data.demo=false",
+        rc = cli.main(["train", "--config", "demo", f"model={model}", "demo.generate=false",
                        f"data.path={tmp_path / 'nope'}", f"training.output_dir={tmp_path / 'out'}"])
         err = capsys.readouterr().err
         assert rc == 2 and f"model.name: {fragment}" in err, err

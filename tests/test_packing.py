@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sft.data.formatting import IGNORE_INDEX, Formatter, prompt_ids, tokenize_example
-from sft.data.packing import Packer, PackedDataset, PackingStats, count_blocks, pack_examples
+from sft.data.lengths import count_blocks
+from sft.data.packing import Packer, PackedDataset, PackingStats, pack_examples
 from sft.errors import ConfigError, DataError
 from tests.test_formatting import load_smollm2, make_word_tokenizer, smollm2_cache_root
 
@@ -320,7 +321,7 @@ def test_truncated_sample_ends_without_a_trained_eos():
 def test_first_token_of_each_packed_document_is_not_a_target():
     """With isolated documents, doc 1's EOS must not be trained to predict doc 2's first token (the label shift
     would make it a cross-document target); without isolation (position_ids off: the seed's packing) it stays."""
-    from sft.training import _Collator
+    from sft.trainer.trainer import Collator as _Collator
 
     block = next(pack_examples([([1] * 3, [1] * 3), ([2] * 4, [2] * 4)], 9, EOS, "split"))
     feats = [{k: torch.tensor(v) for k, v in block.items()}]

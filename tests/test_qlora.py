@@ -9,9 +9,10 @@ import torch
 from sft.config import LoraSection, ModelConfig, QuantizationConfig
 from sft.errors import ConfigError
 from sft.models import (
-    NF4_BLOCKSIZE, _bnb_config, build_random, load_base_model, load_model_and_tokenizer, materialize_arch,
-    nf4_roundtrip, quantized_weight_names, resolve_quant_storage,
+    NF4_BLOCKSIZE, build_random, load_base_model, load_model_and_tokenizer, materialize_arch, nf4_roundtrip,
+    quantized_weight_names, resolve_quant_storage,
 )
+from sft.models.quantization import _bnb_config
 
 bnb = pytest.importorskip("bitsandbytes")
 

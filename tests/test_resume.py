@@ -1,6 +1,6 @@
 """Exact, crash-safe resume.
 
-Unit tests of the pickle-free checkpoint files (sft.checkpoint), then real runs through the CLI that are SIGKILLed
+Unit tests of the pickle-free checkpoint files (sft.trainer.checkpoint), then real runs through the CLI that are SIGKILLed
 (the fault hooks SFT_FAULT_KILL, SFT_FAULT_KILL_SAVE, SFT_FAULT_KILL_MERGE) and resumed with resume=auto: the
 resumed run repeats at most the steps since the last checkpoint and ends with the same adapter, bit for bit, as an
 uninterrupted run with the same config (one reference run per module, shared by the trials).
@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from sft import checkpoint as ck
+from sft.trainer import checkpoint as ck
+from sft.io import atomic_write_json
+from sft.trainer import resume
 from sft.errors import SftError
 
 # --------------------------------------------------------------------------------------------- unit tests
@@ -172,17 +174,17 @@ def test_check_meta_and_check_resumable_name_the_problem(tmp_path):
     cfg = RunConfig()
     cfg.model.dtype = "fp32"
     p = _fake_ckpt(tmp_path, 4, complete=False)
-    ck.write_json(p / ck.RESUME_META, ck.resume_meta(cfg, 2, 100))
+    atomic_write_json(p / ck.RESUME_META, resume.resume_meta(cfg, 2, 100))
     with pytest.raises(SftError, match=f"checkpoint {p} is incomplete"):
-        ck.check_resumable(p, 2)
+        resume.check_resumable(p, 2)
     with pytest.raises(SftError, match="does not exist"):
-        ck.check_resumable(tmp_path / "checkpoint-99", 2)
-    ck.check_meta(p, ck.resume_meta(cfg, 2, 100))  # the same settings: fine
+        resume.check_resumable(tmp_path / "checkpoint-99", 2)
+    resume.check_meta(p, resume.resume_meta(cfg, 2, 100))  # the same settings: fine
     other = RunConfig()
     other.model.dtype = "fp32"
     other.data.seq_length = 2048
     with pytest.raises(SftError) as e:
-        ck.check_meta(p, ck.resume_meta(other, 1, 100))
+        resume.check_meta(p, resume.resume_meta(other, 1, 100))
     msg = str(e.value)
     assert "data.seq_length: the checkpoint has 1024, this run 2048; set data.seq_length=1024" in msg
     assert "world size: the checkpoint was written by 2 rank(s), this run has 1" in msg
@@ -193,10 +195,10 @@ def test_check_meta_and_check_resumable_name_the_problem(tmp_path):
 
 MAX_STEPS, SAVE_STEPS, LIMIT = 12, 2, 2
 COMMON = [
-    "model.name=arch:tiny-llama", "model.dtype=fp32", "data.demo=false", "data.eval_path=null", "data.seq_length=64",
+    "model.name=arch:tiny-llama", "model.dtype=fp32", "demo.generate=false", "data.eval_path=null", "data.seq_length=64",
     f"training.max_steps={MAX_STEPS}", "training.per_device_train_batch_size=2", "training.save_strategy=steps",
     f"training.save_steps={SAVE_STEPS}", f"training.save_total_limit={LIMIT}", "training.merge=false",
-    "training.accuracy_samples=0", "training.progress=false", "training.eval_strategy=no", "training.logging_steps=1",
+    "demo.accuracy_samples=0", "training.progress=false", "training.eval_strategy=no", "training.logging_steps=1",
     "lora.dropout=0.0", "training.learning_rate=5e-3", "training.warmup_steps=2", "training.lr_scheduler=cosine",
 ]
 # 1 rank: 2 x 2 blocks per step (grad accumulation is part of the cursor arithmetic); 2 ranks: 2 blocks per rank

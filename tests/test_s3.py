@@ -149,7 +149,7 @@ def test_wrong_key_or_missing_bucket_fails_fast_before_the_model_loads(s3, tmp_p
         rc, out, err = run_cli(capsys, "ingest", src, "--out", url("other"), "--creds", creds)
         assert rc == 2 and f"--out {url('other')}: access denied" in err, err
     else:
-        rc, out, err = run_cli(capsys, "train", "--config", "demo", "model=arch:tiny-llama", "data.demo=false",
+        rc, out, err = run_cli(capsys, "train", "--config", "demo", "model=arch:tiny-llama", "demo.generate=false",
                                f"data.path={path}", f"data.creds={creds}", "data.eval_path=null",
                                f"training.output_dir={tmp_path / 'out'}", "training.progress=false")
         assert rc == 2, err
@@ -240,10 +240,10 @@ def test_two_ranks_stream_disjoint_shards_from_s3_and_match_one_rank(s3, tmp_pat
     assert_no_secret(s3, out2, p1.stdout, p1.stderr, dirs=(tmp_path / "out1", tmp_path / "out2"))
 
 
-RESUME = ["model.name=arch:tiny-llama", "model.dtype=fp32", "data.demo=false", "data.eval_path=null",
+RESUME = ["model.name=arch:tiny-llama", "model.dtype=fp32", "demo.generate=false", "data.eval_path=null",
           "data.seq_length=64", "training.max_steps=8", "training.per_device_train_batch_size=2",
           "training.save_strategy=steps", "training.save_steps=2", "training.merge=false",
-          "training.accuracy_samples=0",
+          "demo.accuracy_samples=0",
           "training.progress=false", "training.eval_strategy=no", "training.logging_steps=1", "lora.dropout=0.0",
           "training.learning_rate=5e-3", "training.warmup_steps=2", "data.read_batch=8"]
 
@@ -333,7 +333,7 @@ def test_server_stopped_mid_epoch_fails_within_the_bound_naming_the_url(tmp_path
     assert elapsed < 45, f"took {elapsed:.0f} s after the server stopped"
     from safetensors.torch import load_file
 
-    from sft import checkpoint as ck
+    from sft.trainer import checkpoint as ck
 
     steps = [step for step, _, complete in ck.list_checkpoints(out / "checkpoints") if complete]
     assert steps, list((out / "checkpoints").iterdir())

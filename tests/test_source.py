@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import pickle
 
@@ -199,25 +198,11 @@ def test_start_past_end_is_an_error(ds_path):
         src.iter_rows(-1)
 
 
-def test_iter_epochs_endless_with_cursor(ds_path):
-    src = ShardedSource(ds_path, rank=2, world_size=3, seed=4, read_batch=5)
-    n = src.num_rows
-    got = list(itertools.islice(src.iter_epochs(), 2 * n + 3))
-    expected = list(src.iter_rows(0)) + list(src.iter_rows(1)) + list(src.iter_rows(2))[:3]
-    assert [row for _, _, row in got] == expected
-    assert [(e, p) for e, p, _ in got[n - 1: n + 1]] == [(0, n), (1, 1)]
-    # Resuming from any saved (epoch, position) continues with the next row, also across the epoch boundary.
-    for k in (0, 5, n - 1, n, 2 * n - 1):
-        epoch, pos, _ = got[k]
-        resumed = list(itertools.islice(src.iter_epochs(epoch, pos), 3))
-        assert [row for _, _, row in resumed] == [row for _, _, row in got[k + 1: k + 4]]
 
 
 def test_empty_shard(tiny_path):
     src = ShardedSource(tiny_path, rank=3, world_size=4)
     assert src.num_rows == 0 and list(src.iter_rows()) == []
-    with pytest.raises(DataError, match="rank 3 has no rows: .* has 3 rows for 4 ranks"):
-        src.iter_epochs()
 
 
 def test_pickle_reopens(ds_path):
@@ -228,9 +213,7 @@ def test_pickle_reopens(ds_path):
 
 def test_properties(ds_path):
     src = ShardedSource(ds_path, rank=0, world_size=4, read_batch=32)
-    assert (src.path, src.total_rows, src.num_rows, src.min_shard_rows) == (ds_path, N, 26, 25)
-    assert src.order_params == {"total_rows": N, "rank": 0, "world_size": 4, "seed": 0, "shuffle": True,
-                                "read_batch": 32}
+    assert (src.path, src.total_rows, src.num_rows) == (ds_path, N, 26)
     with pytest.raises(ValueError):
         ShardedSource(ds_path, read_batch=0)
     with pytest.raises(ValueError):

@@ -105,15 +105,16 @@ def test_checkpointing_auto_spends_what_the_chunked_loss_saves():
     assert choose_checkpointing(cfg, tokens, "fp32", chunked_loss=False, available=64 * 2**30) == 0
 
 
-def test_auto_resolves_in_the_config():
+def test_auto_resolves_on_the_model_not_in_the_config():
     lora = LoraSection(r=4, target_modules=["q_proj", "v_proj"])
     mc = ModelConfig(name="arch:tiny-llama", dtype="fp32", gradient_checkpointing="auto")
     model, _, _ = load_model_and_tokenizer(mc, lora, QuantizationConfig(), tokens_per_micro_batch=256)
     # a 49k vocabulary over 256 tokens frees far more than two tiny layers keep
-    assert checkpointing_fraction(model) == 0.0 and mc.gradient_checkpointing is False
+    assert checkpointing_fraction(model) == 0.0 and model.sft_checkpointing is False
+    assert mc.gradient_checkpointing == "auto"  # resolved on the model; the caller's config is never changed
     mc = ModelConfig(name="arch:tiny-llama", dtype="fp32", gradient_checkpointing="auto")
     model, _, _ = load_model_and_tokenizer(mc, lora, QuantizationConfig())  # batch unknown: recompute
-    assert checkpointing_fraction(model) == 1.0 and mc.gradient_checkpointing is True
+    assert checkpointing_fraction(model) == 1.0 and model.sft_checkpointing is True
 
 
 @pytest.mark.parametrize("keep", [0, 1, 2])
@@ -167,11 +168,11 @@ def test_packed_documents_are_isolated_per_sample_loss(arch, attn, train):
 
 @pytest.mark.slow
 def test_fast_path_trains_like_the_plain_path(tmp_path):
-    """Three optimizer steps through sft.training: chunked loss + no checkpointing vs the model's own loss +
+    """Three optimizer steps through sft.recipe: chunked loss + no checkpointing vs the model's own loss +
     checkpointing (dropout 0 in both): the same losses."""
     from sft.config import load_config
     from sft.data.ingest import write_dataset
-    from sft.training import train
+    from sft.recipe import train
 
     rows = [{"question": f"What is {i} plus {i}?", "answer": f"{2 * i}.", "source": "test"} for i in range(64)]
     write_dataset(str(tmp_path / "ds"), rows, progress=False)
@@ -179,9 +180,9 @@ def test_fast_path_trains_like_the_plain_path(tmp_path):
     for fast in (True, False):
         cfg = load_config(None, [
             "model.name=arch:tiny-llama", "model.dtype=fp32", f"model.chunked_loss={str(fast).lower()}",
-            f"model.gradient_checkpointing={str(not fast).lower()}", "data.demo=false",
+            f"model.gradient_checkpointing={str(not fast).lower()}", "demo.generate=false",
             f"data.path={tmp_path / 'ds'}", "data.eval_path=null", "data.seq_length=64", "training.max_steps=3",
-            "training.per_device_train_batch_size=2", "training.logging_steps=1", "training.accuracy_samples=0",
+            "training.per_device_train_batch_size=2", "training.logging_steps=1", "demo.accuracy_samples=0",
             "training.eval_strategy=no", "training.save_strategy=no", "training.merge=false",
             "training.progress=false", "training.learning_rate=5e-3", "training.warmup_steps=0",
             f"training.output_dir={tmp_path / ('fast' if fast else 'plain')}", "lora.dropout=0.0",

@@ -72,11 +72,11 @@ def _train(work: Path, cell: str, quant: str, out: str, extra_env: dict | None =
     env.update(extra_env or {})
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
            "--num_processes", "2", "--main_process_port", str(free_port()),
-           "-m", "sft.cli", "train", "model.name=arch:tiny-llama", "model.dtype=fp32", "data.demo=false",
+           "-m", "sft.cli", "train", "model.name=arch:tiny-llama", "model.dtype=fp32", "demo.generate=false",
            f"data.path={work / 'train'}", f"data.eval_path={work / 'eval'}", "data.seq_length=64",
            "training.per_device_train_batch_size=2", "training.per_device_eval_batch_size=2",
            f"training.max_steps={STEPS}", "training.eval_strategy=steps", f"training.eval_steps={SAVE_EVERY}",
-           "training.save_strategy=steps", f"training.save_steps={SAVE_EVERY}", "training.accuracy_samples=0",
+           "training.save_strategy=steps", f"training.save_steps={SAVE_EVERY}", "demo.accuracy_samples=0",
            "training.logging_steps=1", "training.progress=false", "training.learning_rate=1e-2",
            "training.warmup_steps=0", "lora.dropout=0.0", "lora.target_modules=[all-linear]",
            f"training.output_dir={work / out}", f"quantization.mode={quant}", "quantization.compute_dtype=fp32",

@@ -113,7 +113,7 @@ class Formatter:
     """Formats and tokenizes rows for one (tokenizer, template, answer_only) combination.
 
     Build once and reuse: it caches the tokenizer's leading special tokens and the EOS text.
-    Calling it on lists tokenizes in batches (the fast path used by packing and :func:`count_blocks`).
+    Calling it on lists tokenizes in batches (the fast path used by packing and by sft.data.lengths).
     """
 
     def __init__(self, tokenizer, template: str = "default", answer_only: bool = False):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sft.data.packing import PackingStats
+from sft.data.packing import PackingStats, _check_args, check_and_report
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ def count_lengths(rows, formatter, total: int, progress: bool = False, desc: str
 
 
 def stream_stats(lengths: np.ndarray, seq_length: int, overlong: str) -> PackingStats:
-    """What one finite packing pass over rows of these lengths yields (the same numbers as
-    :func:`sft.data.packing.count_blocks`, computed from lengths)."""
+    """What one finite packing pass over rows of these token lengths yields (the packer's own accounting,
+    vectorised: tests/test_packing.py checks it against :class:`sft.data.packing.PackedDataset`)."""
     n = lengths.astype(np.int64) + 1  # the EOS
     long = n > seq_length
     if overlong == "split":
@@ -141,6 +141,21 @@ def stream_stats(lengths: np.ndarray, seq_length: int, overlong: str) -> Packing
     return s
 
 
+def count_blocks(rows, tokenizer, template: str = "default", seq_length: int = 512, answer_only: bool = False,
+                 overlong: str = "split") -> PackingStats:
+    """What one finite pass of :class:`~sft.data.packing.PackedDataset` over ``rows`` yields, without building
+    blocks: the rows' token lengths (formatted exactly as training formats them), then :func:`stream_stats`.
+    Reports overlong samples like the packer does."""
+    from sft.data.formatting import Formatter
+
+    _check_args(seq_length, overlong)
+    rows = list(rows)
+    stats = stream_stats(count_lengths(rows, Formatter(tokenizer, template, answer_only), len(rows)), seq_length,
+                         overlong)
+    check_and_report(stats, seq_length, overlong)
+    return stats
+
+
 @dataclass
 class Counted:
     lengths: np.ndarray  # every row of the dataset, in dataset order
@@ -152,7 +167,7 @@ def _key(source, tokenizer, template: str, answer_only: bool) -> str:
 
 
 def _cached(source, key: str, cache_dir: str | None) -> Counted | None:
-    from sft import distributed as dist
+    from sft import dist
 
     cached = load_cached(cache_dir, key, source.total_rows)
     # every rank must take the same branch (one rank's cache may be on a node-local disk the others lack)
@@ -173,7 +188,7 @@ def dataset_lengths(source, tokenizer, template: str, answer_only: bool, cache_d
 
     Collective when several ranks run: call it on every rank with the same arguments.
     """
-    from sft import distributed as dist
+    from sft import dist
     from sft.data.formatting import Formatter
     from sft.data.source import shard_range
 

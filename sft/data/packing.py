@@ -21,8 +21,9 @@ Layers, from pure to stateful:
 ``PackedDataset``
     ``torch.utils.data.IterableDataset`` over rows ``{"question", "answer"}`` from ``rows_fn(epoch, start)``, with a
     resumable cursor.
-``count_blocks()``
-    A fast counting pass (no blocks built) to compute the number of steps per epoch.
+
+Counting blocks without building them (steps per epoch) is sft.data.lengths: the rows' token lengths, then the
+same accounting vectorised (``stream_stats``, ``count_blocks``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import islice
 
 import numpy as np
@@ -61,10 +62,6 @@ class PackingStats:
     overlong: int = 0
     truncated: int = 0
     skipped: int = 0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def _check_args(seq_length: int, overlong: str) -> None:
     if not isinstance(seq_length, int) or seq_length < 2:
@@ -383,43 +380,6 @@ class PackedDataset(torch.utils.data.IterableDataset):
                 return
             if not pending:
                 self._record(next_row)
-
-
-def count_blocks(
-    rows: Iterable[dict],
-    tokenizer,
-    template: str = "default",
-    seq_length: int = 512,
-    answer_only: bool = False,
-    overlong: str = "split",
-    *,
-    batch_rows: int = 512,
-) -> PackingStats:
-    """Count what one finite pass of :class:`PackedDataset` over ``rows`` produces, without building blocks.
-
-    Tokenizes in batches through the fast tokenizer with exactly the same code as training, so ``blocks`` equals
-    the number of blocks one finite epoch yields (the steps per epoch are ``blocks // (batch * grad_accum)``).
-    In infinite mode the leftover carries over and the token count of an epoch does not depend on its row order,
-    so ``E`` epochs yield ``(E * tokens) // seq_length`` blocks in all.
-    """
-    _check_args(seq_length, overlong)
-    fmt = Formatter(tokenizer, template, answer_only)
-    stats = PackingStats()
-    for batch in _batched(iter(rows), batch_rows):
-        for ids, _ in fmt.rows(batch):
-            n = _stream_length(len(ids), seq_length, overlong)
-            if len(ids) + 1 > seq_length:
-                stats.overlong += 1
-                if n == 0:
-                    stats.skipped += 1
-                    continue
-                if n < len(ids) + 1:
-                    stats.truncated += 1
-            stats.documents += 1
-            stats.tokens += n
-    stats.blocks, stats.dropped_tail_tokens = divmod(stats.tokens, seq_length)
-    check_and_report(stats, seq_length, overlong)
-    return stats
 
 
 def all_skipped_error(skipped: int, seq_length: int) -> DataError:

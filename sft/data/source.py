@@ -227,10 +227,8 @@ class ShardedSource:
 
     Cursor. ``iter_rows(epoch, start)`` skips the first ``start`` positions of this rank's order for that epoch
     without reading them, so ``(epoch, position)`` is a complete resume state. It is only valid for the same
-    dataset and the same :attr:`order_params` (rank, world_size, seed, shuffle, read_batch); training saves them
-    (and :data:`ORDER`) with the cursor and compares on resume.
-
-    Shards differ by at most one row; :attr:`min_shard_rows` is the size every rank has.
+    dataset and the same rank, world size, seed and shuffle; training records them (and :data:`ORDER`) in each
+    checkpoint and refuses a resume that differs (sft/trainer/resume.py). Shards differ by at most one row.
 
     The object is picklable (the open dataset handle is dropped and re-opened lazily), e.g. for DataLoader workers.
     """
@@ -289,23 +287,6 @@ class ShardedSource:
         """This rank's ``[lo, hi)``: dataset row indices with ``shuffle=False``, positions in the epoch's permutation
         with ``shuffle=True``."""
         return self._lo, self._hi
-
-    @property
-    def min_shard_rows(self) -> int:
-        """The smallest shard size over all ranks (``total_rows // world_size``)."""
-        return self._total // self._world_size
-
-    @property
-    def order_params(self) -> dict[str, Any]:
-        """Everything besides ``(epoch, start)`` that determines the row order; save it with a cursor."""
-        return {
-            "total_rows": self._total,
-            "rank": self._rank,
-            "world_size": self._world_size,
-            "seed": self._seed,
-            "shuffle": self._shuffle,
-            "read_batch": self._read_batch,
-        }
 
     # ------------------------------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -425,34 +406,6 @@ class ShardedSource:
                 if conversations:
                     out[CONVERSATION_COLUMN] = conversations[0][i]
                 yield out
-
-    def iter_epochs(self, start_epoch: int = 0, start: int = 0) -> Iterator[tuple[int, int, dict[str, str]]]:
-        """Loop over epochs forever, yielding ``(epoch, position, row)``.
-
-        ``position`` is the cursor *after* this row: saving ``(epoch, position)`` and later calling
-        ``iter_epochs(epoch, position)`` continues with the next row (a position equal to ``num_rows`` rolls over
-        to the next epoch's first row). Raises :class:`DataError` if this rank's shard is empty, since an endless
-        loop over nothing would hang training.
-        """
-        if self.num_rows == 0:
-            raise DataError(
-                f"rank {self._rank} has no rows: {self._path} has {self._total} rows for {self._world_size} ranks. "
-                f"Use at most {self._total} ranks or a larger dataset."
-            )
-        if start > self.num_rows:
-            # Let iter_rows produce its message; it is the same condition.
-            self.iter_rows(start_epoch, start)
-        return self._iter_epochs(start_epoch, start)
-
-    def _iter_epochs(self, epoch: int, start: int) -> Iterator[tuple[int, int, dict[str, str]]]:
-        if start == self.num_rows:
-            epoch, start = epoch + 1, 0
-        while True:
-            pos = start
-            for row in self.iter_rows(epoch, start):
-                pos += 1
-                yield epoch, pos, row
-            epoch, start = epoch + 1, 0
 
     def __repr__(self) -> str:
         return (

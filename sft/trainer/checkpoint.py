@@ -10,7 +10,7 @@ Layout of ``<output_dir>/checkpoints/checkpoint-N`` (every file JSON or safetens
     rng_state_rank{R}.safetensors + .json            python, numpy, torch CPU (and CUDA) RNG states of rank R
     data_cursor_rank{R}.json                         rank R's PackedDataset cursor after the blocks it trained on
     trainer_state.json                               transformers' TrainerState (global step, log history)
-    sft_resume.json                                  the settings a resumed run must share (see `resume_meta`)
+    sft_resume.json                                  the settings a resumed run must share (sft/trainer/resume.py)
     COMPLETE                                         written last (fsync'd): the checkpoint is whole
 
 Atomicity. A checkpoint is written into ``checkpoint-N.partial`` by every rank; after a barrier, rank 0 fsyncs the
@@ -39,9 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from sft.errors import SftError
+from sft.io import atomic_file, atomic_write_json
 
 log = logging.getLogger(__name__)
+
 
 COMPLETE = "COMPLETE"
 PARTIAL_SUFFIX = ".partial"
@@ -143,18 +144,6 @@ def fsync_dir(path: Path) -> None:
         pass
 
 
-def write_json(path: str | Path, obj: Any, fsync: bool = True) -> None:
-    """Write JSON to ``path`` through a temporary sibling and a rename (a reader never sees half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_state(state: Any, directory: str | Path, name: str) -> list[Path]:
     """Write ``state`` as ``name.json`` (+ ``name.safetensors`` when it holds tensors); returns the files."""
     from safetensors.torch import save_file
@@ -165,12 +154,11 @@ def save_state(state: Any, directory: str | Path, name: str) -> list[Path]:
     written = []
     if tensors:
         st = directory / f"{name}.safetensors"
-        tmp = st.with_name(st.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        _fsync_file(tmp)
-        os.replace(tmp, st)
+        with atomic_file(st, fsync=True) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
         written.append(st)
-    write_json(directory / f"{name}.json", {"format": "sft-state-1", "tensors": bool(tensors), "state": tree})
+    atomic_write_json(directory / f"{name}.json", {"format": "sft-state-1", "tensors": bool(tensors), "state": tree},
+                      fsync=True)
     written.append(directory / f"{name}.json")
     return written
 
@@ -241,7 +229,7 @@ def mark_complete(path: str | Path, step: int) -> None:
             _fsync_file(p)
     for p in sorted({q.parent for q in path.rglob("*")} | {path}, reverse=True):
         fsync_dir(p)
-    write_json(path / COMPLETE, {"step": step})
+    atomic_write_json(path / COMPLETE, {"step": step}, fsync=True)
     fsync_dir(path)
 
 
@@ -333,118 +321,3 @@ def rotate(ckpt_dir: str | Path, limit: int | None, newest: Path, protect: tuple
 
 
 # --------------------------------------------------------------------------------------------- resume checks
-
-
-def check_resumable(path: str | Path, world_size: int) -> None:
-    """Raise :class:`SftError` naming ``path`` when it is not a complete checkpoint this code can resume from."""
-    path = Path(path)
-    if not path.is_dir():
-        raise SftError(f"training.resume: checkpoint {path} does not exist (use resume=auto for the newest one)")
-    if not is_complete(path):
-        pickles = [n for n in PICKLED_FILES if (path / n).exists()]
-        why = (f"it holds pickled state ({', '.join(pickles)}) from an older version, which is never unpickled"
-               if pickles else "the run stopped while writing it")
-        raise SftError(
-            f"training.resume: checkpoint {path} is incomplete (no {COMPLETE} marker: {why}); "
-            f"resume from an earlier checkpoint, or use resume=auto for the newest complete one"
-        )
-    fmt = "sft"
-    if (path / RESUME_META).is_file():
-        fmt = json.loads((path / RESUME_META).read_text())["keys"].get("optimizer_format", "sft")
-    state_files = ENGINE_FILES.get(fmt, (f"{OPTIMIZER}.json", f"{SCHEDULER}.json"))
-    missing = [n for n in (TRAINER_STATE, RESUME_META, *state_files) if not (path / n).is_file()]
-    missing += [cursor_name(r) for r in range(world_size) if not (path / cursor_name(r)).is_file()]
-    if missing and (path / RESUME_META).is_file():
-        saved_world = json.loads((path / RESUME_META).read_text()).get("world_size")
-        if saved_world != world_size:
-            return  # the world-size mismatch is reported by check_meta, with the fix
-    if missing:
-        raise SftError(f"training.resume: checkpoint {path} lacks {', '.join(missing)}; it cannot be resumed from")
-
-
-#: Settings a resumed run must share with the checkpoint, and why.
-RESUME_KEYS = {
-    "model.name": "the adapter belongs to this base",
-    "model.gguf_file": "the adapter belongs to this base",
-    "model.dtype": "the adapter and optimizer state were trained with this dtype policy",
-    "quantization.mode": "the adapter was trained against this (quantized) base",
-    "lora.r": "the adapter's shape",
-    "lora.alpha": "the adapter's scale",
-    "lora.target_modules": "the adapter's modules",
-    "data.seq_length": "the data cursor and the step arithmetic count blocks of this length; the packed stream "
-                       "could be cut differently, but resuming requires the same value",
-    "data.template": "the data cursor counts tokens of this formatting",
-    "data.answer_only": "the data cursor counts tokens of this formatting",
-    "data.overlong": "the data cursor counts tokens after this policy",
-    "data.shuffle": "the data order",
-    "data.order": "the data cursor is a position in this row order",
-    "data.train_rows": "the data cursor points into this dataset",
-    "training.seed": "the data order and the initial adapter",
-    "training.per_device_train_batch_size": "the data cursor counts blocks per step",
-    "training.gradient_accumulation_steps": "the data cursor counts blocks per step",
-    "world_size": "every rank has its own data shard and cursor",
-    "optimizer_format": "the optimizer state is in this strategy's format (sft: DDP / one process; deepspeed and "
-                        "fsdp: their engines' own); relaunch with the same accelerate config",
-}
-
-#: Files that hold the optimizer state of a checkpoint, by ``optimizer_format`` (DeepSpeed and FSDP write their own:
-#: DeepSpeed a ``latest`` tag and ``global_stepN/`` of torch files, FSDP2 torch.distributed.checkpoint shards).
-ENGINE_FILES = {"deepspeed": ("latest", "scheduler.pt"), "fsdp": ("scheduler.pt",)}
-
-
-#: What a checkpoint that predates a key meant by it (checkpoints written before the key existed).
-_BEFORE_KEY = {"data.order": "block-shuffle (sft before the global permutation)"}
-
-
-def _data_order() -> str:
-    from sft.data.source import ORDER
-
-    return ORDER
-
-
-def optimizer_format() -> str:
-    """Which format this process's Trainer writes optimizer state in, from what ``accelerate launch`` exported."""
-    from sft.distributed import deepspeed_launch, fsdp_launch
-
-    return "deepspeed" if deepspeed_launch() else "fsdp" if fsdp_launch() else "sft"
-
-
-def resume_meta(cfg, world_size: int, train_rows: int) -> dict[str, Any]:
-    """The :data:`RESUME_KEYS` of a run (``cfg`` a RunConfig, after dtype resolution)."""
-    flat = {
-        "model.name": cfg.model.name, "model.gguf_file": cfg.model.gguf_file, "model.dtype": cfg.model.dtype,
-        "quantization.mode": cfg.quantization.mode, "lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha,
-        "lora.target_modules": list(cfg.lora.target_modules), "data.seq_length": cfg.data.seq_length,
-        "data.template": cfg.data.template, "data.answer_only": cfg.data.answer_only,
-        "data.overlong": cfg.data.overlong, "data.shuffle": cfg.data.shuffle,
-        "data.train_rows": train_rows, "training.seed": cfg.training.seed,
-        "training.per_device_train_batch_size": cfg.training.per_device_train_batch_size,
-        "training.gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
-        "world_size": world_size, "optimizer_format": optimizer_format(), "data.order": _data_order(),
-    }
-    return {"keys": flat, "data.path": cfg.data.path}
-
-
-def check_meta(path: str | Path, current: dict[str, Any]) -> None:
-    """Raise :class:`SftError` naming every setting in which the run differs from the checkpoint at ``path``."""
-    path = Path(path)
-    saved = json.loads((path / RESUME_META).read_text())
-    problems = []
-    for key, why in RESUME_KEYS.items():
-        a, b = saved["keys"].get(key, _BEFORE_KEY.get(key)), current["keys"].get(key)
-        if a is None and key not in saved["keys"]:
-            continue
-        if a != b:
-            if key == "world_size":
-                problems.append(f"world size: the checkpoint was written by {a} rank(s), this run has {b} ({why}); "
-                                f"launch {a} rank(s)")
-            elif key == "data.train_rows":
-                problems.append(f"data.path: the checkpoint's training data had {a} rows, {current.get('data.path')} "
-                                f"has {b} ({why}); resume on the same dataset")
-            else:
-                problems.append(f"{key}: the checkpoint has {a!r}, this run {b!r}; set {key}={a!r} ({why})")
-    if problems:
-        raise SftError(
-            f"training.resume: checkpoint {path} does not match this run:\n  " + "\n  ".join(problems)
-            + "\n  (or start afresh in another training.output_dir)"
-        )

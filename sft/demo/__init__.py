@@ -1,0 +1,45 @@
+"""The built-in demo: the generated "ledger" date task (task.py), its data, and its exact-match evaluation
+(evaluation.py), plugged into a run through the public API::
+
+    import sft, sft.demo
+    cfg = sft.load_config("demo")
+    sft.train(cfg, callbacks=sft.demo.hooks(cfg))      # after sft.demo.prepare_data(cfg)
+
+``sft train`` does exactly this when the config has ``demo.generate`` or ``demo.accuracy_samples``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sft import dist
+from sft.config import RunConfig
+from sft.demo.evaluation import ExactMatch
+from sft.demo.task import exact_match, generate_examples, ledger_format
+
+__all__ = ["ExactMatch", "exact_match", "generate_examples", "hooks", "ledger_format", "prepare_data"]
+
+
+def prepare_data(cfg: RunConfig) -> None:
+    """Generate the demo task into data.path / data.eval_path where they do not exist (rank 0; others wait)."""
+    import torch
+
+    from sft.data.ingest import write_dataset
+
+    # the ranks wait for rank 0's files below: the process group must exist first (train() then reuses it)
+    dist.init_process_group_if_needed(timeout_s=cfg.training.dist_timeout_s,
+                                      device="cuda" if torch.cuda.is_available() else "cpu")
+    if dist.is_main_process():
+        for path, split, n in ((cfg.data.path, "train", cfg.demo.train_rows),
+                               (cfg.data.eval_path, "test", cfg.demo.test_rows)):
+            if path and not Path(path).exists():
+                rows = generate_examples(n, seed=cfg.training.seed, split=split)
+                write_dataset(path, rows, progress=cfg.training.progress)
+                print(f"demo: wrote {n} {split} rows to {path}")
+    dist.barrier()
+
+
+def hooks(cfg: RunConfig) -> list:
+    """The run hooks the config asks for: exact-match accuracy when demo.accuracy_samples and data.eval_path are
+    set."""
+    return [ExactMatch(cfg)] if cfg.demo.accuracy_samples and cfg.data.eval_path else []

@@ -1,0 +1,188 @@
+"""Load a base model and prepare it for training: weights on disk for random architectures, the dtype policy,
+4-bit, the attention implementation, base dropout, the chunked loss, checkpointing and LoRA."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from sft.config import LoraSection, ModelConfig, QuantizationConfig
+from sft.errors import ModelError
+from sft.models.adapters import add_lora
+from sft.dist import zero3_init
+from sft.models.architectures import build_random
+from sft.models.cache import dense_copy_of_gguf, materialize_arch
+from sft.models.memory import apply_checkpointing, choose_checkpointing
+from sft.models.precision import _torch_dtype, apply_dtype_policy
+from sft.models.quantization import _bnb_config, _keep_4bit_layout
+from sft.models.sources import ModelSource, resolve_source
+from sft.models.tokenizers import load_tokenizer
+from sft.ops.capabilities import supports
+
+log = logging.getLogger(__name__)
+
+
+def resolve_attention(name: str, model_type: str | None = None) -> str:
+    """``auto`` -> sdpa for model types whose SDPA mask already isolates packed documents (Llama family:
+    transformers builds a block-diagonal mask from the position ids); sft_varlen (per-document SDPA, CPU and CUDA)
+    for the others (OPT), whose own mask lets packed documents attend to each other. Registers sft_varlen when it
+    is used.
+
+    Measured (`sft bench --matrix cpu`, 8 x 512, fp32, this 2-core machine): on OPT-125m sft_varlen isolates
+    documents at no cost in speed; on SmolLM2-135M it halved the attention kernels' time in a profile (1.34 s
+    -> 0.75 s per 2 x 512 step) but the end-to-end step was within noise (1.02x vs 1.05x) and peak RSS rose
+    (per-document tensors), so the Llama family keeps sdpa by default."""
+    if name == "auto":
+        # every device: a model whose own mask lets packed documents see each other (OPT) needs per-document
+        # attention, on CUDA too (its sdpa ignores position ids exactly as on CPU)
+        name = "sft_varlen" if model_type is not None and not supports("mask_isolates_packed", model_type) else "sdpa"
+    if name == "sft_varlen":
+        from sft.ops.attention import register
+
+        register()
+    return name
+
+
+def prepare_weights(cfg: ModelConfig, quant: QuantizationConfig, seed: int, zero3: bool) -> None:
+    """Write the on-disk copy that :func:`load_base_model` will read for a random ``arch:`` model (4-bit loads and
+    ZeRO-3 loads go through ``from_pretrained``). Call on one rank, before TrainingArguments exist."""
+    source = resolve_source(cfg)
+    if source.kind != "arch":
+        return
+    if quant.mode == "nf4":
+        materialize_arch(source.path, seed)
+    elif zero3 or _arch_from_disk(cfg, quant):
+        materialize_arch(source.path, seed, dtype=torch.float32 if cfg.dtype == "fp32" else torch.bfloat16)
+
+
+def _arch_from_disk(cfg: ModelConfig, quant: QuantizationConfig) -> bool:
+    """Whether a random ``arch:`` base (not 4-bit) is loaded from its on-disk copy rather than built in memory."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return quant.mode != "nf4" and (zero3_init() or (world > 1 and cfg.dtype != "fp32"))
+
+
+def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42, source: ModelSource | None = None):
+    """Load the base model with the configured dtype policy (and 4-bit quantization when asked)."""
+    from transformers import AutoModelForCausalLM
+
+    source = source or resolve_source(cfg)
+    # auto needs the model type: load with sdpa, then switch (resolve_attention) once the config is known
+    attn = "sdpa" if cfg.attn_implementation == "auto" else resolve_attention(cfg.attn_implementation)
+    common: dict[str, Any] = dict(attn_implementation=attn)
+    if quant.mode == "nf4":
+        common["quantization_config"] = _bnb_config(quant)
+        common["dtype"] = _torch_dtype(quant.compute_dtype)
+    try:
+        if source.kind == "arch":
+            if quant.mode == "nf4":
+                # bitsandbytes quantizes while loading weights: materialise the random model once on disk.
+                model_dir = materialize_arch(source.path, seed)
+                model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, **common)
+            elif _arch_from_disk(cfg, quant):
+                # ZeRO-3 loads partitioned (zero.Init) through from_pretrained, and several ranks of a 16-bit run
+                # each load the 16-bit copy instead of building the model in fp32 (2x the host memory per rank):
+                # the same weights as build_random's, saved once, so every strategy starts from identical parameters
+                dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16
+                model = AutoModelForCausalLM.from_pretrained(materialize_arch(source.path, seed, dtype=dtype),
+                                                             use_safetensors=True, dtype=dtype, attn_implementation=attn)
+            else:
+                model = build_random(source.path, seed)
+                model.config._attn_implementation = attn
+        elif source.kind == "gguf":
+            if quant.mode == "nf4":
+                model = AutoModelForCausalLM.from_pretrained(dense_copy_of_gguf(source.path, source.gguf_file),
+                                                             use_safetensors=True, **common)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    dense_copy_of_gguf(source.path, source.gguf_file), dtype=torch.float32,
+                    attn_implementation=attn, use_safetensors=True,
+                )
+        else:
+            # safetensors only, also for hub ids: a pickled checkpoint is never unpickled
+            model = AutoModelForCausalLM.from_pretrained(source.path, revision=cfg.revision, use_safetensors=True,
+                                                         **common)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {cfg.name}: {e} (only safetensors weights are loaded)") from e
+    if cfg.attn_implementation == "auto":
+        chosen = resolve_attention("auto", getattr(model.config, "model_type", None))
+        if chosen != attn:
+            model.set_attn_implementation(chosen)
+    if quant.mode != "nf4":
+        apply_dtype_policy(model, cfg.dtype)
+    else:
+        _keep_4bit_layout(model)
+    return model
+
+
+def load_model_and_tokenizer(model_cfg: ModelConfig, lora_cfg: LoraSection | None, quant: QuantizationConfig,
+                             seed: int = 42, tokens_per_micro_batch: int | None = None, tokenizer=None):
+    """Base (+ LoRA when lora_cfg is given) and its tokenizer, ready for training: base dropout set, the chunked
+    loss installed, checkpointing decided (``auto`` needs ``tokens_per_micro_batch``; without it, on)."""
+    source = resolve_source(model_cfg)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_cfg, source)
+    model = load_base_model(model_cfg, quant, seed=seed, source=source)
+    return prepare_model(model, tokenizer, model_cfg, lora_cfg, quant, seed, tokens_per_micro_batch), tokenizer, source
+
+
+def prepare_model(model, tokenizer, model_cfg: ModelConfig, lora_cfg: LoraSection | None, quant: QuantizationConfig,
+                  seed: int = 42, tokens_per_micro_batch: int | None = None):
+    """A loaded base (sft's or a library caller's) made ready for training: base dropout, the chunked loss, the
+    checkpointing decision and LoRA. ``model.sft_checkpointing`` records what ``auto`` resolved to."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise ModelError(
+            f"the tokenizer has {len(tokenizer)} ids but the model's embedding has "
+            f"{model.get_input_embeddings().num_embeddings}; pass a matching model.tokenizer"
+        )
+    if model_cfg.dropout is not None:
+        set_base_dropout(model, model_cfg.dropout)
+    if model_cfg.chunked_loss and zero3_init():
+        # The chunked loss reads lm_head.weight without calling lm_head, so DeepSpeed's hooks never gather the
+        # partitioned (and, when tied, embedding-shared) weight; gathering it by hand collides with the embedding's
+        # own fetch of the same tensor ("Cannot free a ZeRO-3 parameter while it is still active").
+        log.info("model.chunked_loss: not used under DeepSpeed ZeRO-3 (the model's own loss runs)")
+    elif model_cfg.chunked_loss:
+        from sft.ops.loss import install_chunked_loss
+
+        if not install_chunked_loss(model):
+            log.info("model.chunked_loss: %s is not a supported model type; using its own loss",
+                     getattr(model.config, "model_type", "?"))
+    if lora_cfg is not None:
+        torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same adapter init
+        checkpointing, keep = model_cfg.gradient_checkpointing, 0
+        if checkpointing == "auto":
+            keep = 0 if tokens_per_micro_batch is None else choose_checkpointing(
+                model.config, tokens_per_micro_batch, model_cfg.dtype, quant.mode,
+                chunked_loss=getattr(model, "_sft_chunked_loss", False))
+            checkpointing = keep < getattr(model.config, "num_hidden_layers", 0)
+        model = add_lora(model, lora_cfg, checkpointing, quantized=quant.mode == "nf4")
+        if checkpointing and keep:
+            apply_checkpointing(model, keep)
+        model.sft_checkpointing = checkpointing  # what `auto` resolved to (the config is not changed)
+    return model
+
+
+_DROPOUT_ATTRS = ("dropout", "attention_dropout", "attn_dropout", "activation_dropout", "hidden_dropout",
+                  "resid_dropout", "embd_dropout")
+
+
+def set_base_dropout(model: torch.nn.Module, p: float) -> int:
+    """Set every dropout of the base model to ``p``: ``nn.Dropout`` modules, and the float attributes that
+    transformers' layers pass to ``F.dropout`` (OPT's ``dropout`` / ``activation_dropout``, Llama's
+    ``attention_dropout``, ...). The config is updated too, so a saved config says what was trained. Call before
+    adding LoRA (its dropout is lora.dropout). Returns how many places were changed."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p, n = p, n + 1
+        for a in _DROPOUT_ATTRS:
+            if isinstance(getattr(m, a, None), float) and not isinstance(m, torch.nn.Dropout):
+                setattr(m, a, float(p))
+                n += 1
+    for a in _DROPOUT_ATTRS + ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop",
+                               "attn_pdrop"):
+        if isinstance(getattr(model.config, a, None), float):
+            setattr(model.config, a, float(p))
+    return n
