@@ -29,6 +29,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from sft.io import atomic_write_text
+
 SPAWN_ENV = "SFT_BENCH_SPAWN_TIME"  # time.time() when the runner started this cell (time to first step)
 
 
@@ -211,9 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         return 1
     out = spec_path.parent / f"result.rank{rank}.json"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec.result()))
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(rec.result()))
     return 0
 
 

@@ -89,7 +89,9 @@ def launch_command(cell: CellSpec, spec_path: Path, opts: RunOptions) -> tuple[l
     env.update(opts.env)
     target = ["-m", "benchmarks.cell", str(spec_path)]
     accelerate = str(Path(py).parent / "accelerate")
-    cfg_dir = REPO_ROOT / "configs" / "accelerate"
+    from sft.config import CONFIG_DIR
+
+    cfg_dir = CONFIG_DIR / "accelerate"
     if _cuda():
         if cell.ranks == 1:
             return [py, *target], env

@@ -82,6 +82,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sft.config.load import CONFIG_DIR as SFT_CONFIG_DIR
+
 from .pin import pin_settings
 from .topology import Topology, format_cpu_list
 
@@ -93,7 +95,7 @@ LAUNCHERS = ("auto", "accelerate", "mpirun")
 DEFAULT_PORT = 29500
 DEFAULT_TRAIN_ARGV = ("sft", "train")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs" / "accelerate"
+CONFIG_DIR = SFT_CONFIG_DIR / "accelerate"  # shipped inside the sft package
 DS_CCL_CONFIG = "cpu_deepspeed_ccl.yaml"
 CPU_COLLECTIVES_REPORT = "benchmarks/results/cpu_collectives.md"
 ONECCL_PINS = (
@@ -353,12 +355,12 @@ def _prepend_path(first: str, existing: str | None) -> str:
 
 
 def config_path(name: str) -> str:
-    """configs/accelerate/<name>, relative to the cwd when the repo is the cwd (commands run from the repo root)."""
-    p = CONFIG_DIR / name
-    try:
-        return str(p.relative_to(Path.cwd()))
-    except ValueError:
-        return str(p)
+    """The shipped accelerate config ``name``: ``configs/accelerate/<name>`` when the cwd is a checkout (its
+    ``configs`` links to sft/configs), else the absolute path inside the installed package."""
+    rel = Path("configs") / "accelerate" / name
+    if (Path.cwd() / rel).is_file():
+        return str(rel)
+    return str(CONFIG_DIR / name)
 
 
 # ---- planning ----------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from sft.errors import ConfigError, ModelError
+from sft.io import atomic_file, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -297,34 +297,30 @@ def export_gguf(model_dir: str | Path, out: str | Path, kind: str = "f16", overw
     heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = gg.GGUFWriter(tmp, arch)
-    try:
-        _add_hparams(gg, writer, cfg, name or model_dir.resolve().name, kind)
-        _add_tokenizer(gg, writer, model_dir, cfg["vocab_size"])
-        total = 0
-        for _, gname, _, qtype, shape in plan:
-            wshape, dtype, nbytes = _nbytes(gg, shape, qtype)
-            writer.add_tensor_info(gname, wshape, dtype, nbytes, raw_dtype=None if dtype != np.uint8 else qtype)
-            total += nbytes
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        with contextlib.ExitStack() as stack:
-            handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in files}
-            for key, gname, f, qtype, _ in tqdm(plan, desc=f"GGUF {kind}", unit="tensor", disable=not progress):
-                w = handles[f].get_tensor(key).to(torch.float32)
-                if arch == "llama" and ".attn_q." in gname:
-                    w = _permute_rotary(w, heads)
-                elif arch == "llama" and ".attn_k." in gname:
-                    w = _permute_rotary(w, kv_heads)
-                writer.write_tensor_data(_encode(gg, w.numpy(), qtype))
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as tmp:
+        writer = gg.GGUFWriter(tmp, arch)
+        try:
+            _add_hparams(gg, writer, cfg, name or model_dir.resolve().name, kind)
+            _add_tokenizer(gg, writer, model_dir, cfg["vocab_size"])
+            total = 0
+            for _, gname, _, qtype, shape in plan:
+                wshape, dtype, nbytes = _nbytes(gg, shape, qtype)
+                writer.add_tensor_info(gname, wshape, dtype, nbytes, raw_dtype=None if dtype != np.uint8 else qtype)
+                total += nbytes
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            with contextlib.ExitStack() as stack:
+                handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in files}
+                for key, gname, f, qtype, _ in tqdm(plan, desc=f"GGUF {kind}", unit="tensor", disable=not progress):
+                    w = handles[f].get_tensor(key).to(torch.float32)
+                    if arch == "llama" and ".attn_q." in gname:
+                        w = _permute_rotary(w, heads)
+                    elif arch == "llama" and ".attn_k." in gname:
+                        w = _permute_rotary(w, kv_heads)
+                    writer.write_tensor_data(_encode(gg, w.numpy(), qtype))
+        finally:
+            writer.close()
     return ExportReport(path=out, type=kind, architecture=arch, tensors=len(plan), bytes=out.stat().st_size,
                         seconds=time.perf_counter() - t0)
 
@@ -339,8 +335,6 @@ def export_after_merge(merged_dir: Path, out_dir: Path, kind: str, progress: boo
     report = export_gguf(merged_dir, out_dir / f"model-{kind}.gguf", kind, overwrite=True, progress=progress,
                          name=out_dir.resolve().name)
     modelfile = out_dir / "Modelfile"
-    tmp = modelfile.with_name(modelfile.name + ".tmp")
-    tmp.write_text(f"FROM ./{report.path.name}\n")
-    os.replace(tmp, modelfile)
+    atomic_write_text(modelfile, f"FROM ./{report.path.name}\n")
     print(f"wrote {report.path} ({report.type}, {report.bytes / 2**20:.1f} MiB, {report.seconds:.1f} s)")
     return {"gguf": str(report.path), "modelfile": str(modelfile)}

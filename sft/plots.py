@@ -11,6 +11,8 @@ import platform
 import socket
 from pathlib import Path
 
+from sft.io import atomic_file
+
 PANELS = ("loss", "learning rate", "throughput", "peak memory")
 
 
@@ -77,11 +79,9 @@ def save_training_plot(history: list[dict], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig = training_figure(history, title)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

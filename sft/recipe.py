@@ -28,7 +28,7 @@ from sft.models import count_parameters, load_tokenizer, prepare_weights
 from sft.summary import RunSummary
 from sft.trainer import tracking
 from sft.trainer.adapter import save_adapter
-from sft.trainer.arguments import leave_sharded_mode
+from sft.trainer.arguments import check_extra, leave_sharded_mode
 from sft.trainer.build import build_trainer, fit
 from sft.trainer.callbacks import ThroughputCallback
 from sft.trainer.resume import resolve_resume, resume_meta
@@ -43,8 +43,9 @@ def train(cfg: RunConfig, model=None, dataset: str | Iterable[dict] | None = Non
     from (the tokenizer, and the merge rebuilds the base from it). ``dataset``: a Deep Lake path, or an iterable of
     ``{"question", "answer"}`` rows (written once under output_dir/data). ``callbacks``: ``TrainerCallback``
     objects for the Trainer and :class:`sft.hooks.RunHooks` for evaluations around it. ``training_args``: extra
-    ``TrainingArguments`` fields (``optim``, ``warmup_ratio``, ...)."""
+    ``TrainingArguments`` fields (``optim``, ``adam_beta2``, ...)."""
     t_start = time.perf_counter()
+    check_extra(training_args)
     run = _resolved(cfg, dataset)
     hooks = [c for c in callbacks if isinstance(c, RunHooks)]
     dist.init_process_group_if_needed(timeout_s=run.training.dist_timeout_s, device=stages.device().type)

@@ -38,12 +38,13 @@ def open_data(cfg: RunConfig, rank: int, world: int) -> RunData:
 
 def rows_dataset(cfg: RunConfig, rows: Iterable[dict]) -> RunConfig:
     """``cfg`` with data.path pointing at ``rows`` written as a Deep Lake dataset (rank 0 writes, every rank waits)
-    under training.output_dir/data/train; rows need ``question`` and ``answer`` (and may have ``source``)."""
+    under training.output_dir/data/train; rows need ``question`` and ``answer`` (``source`` defaults to sft.train)."""
     from sft.data.ingest import write_dataset
 
     path = Path(cfg.training.output_dir) / "data" / "train"
     if dist.is_main_process():
-        write_dataset(str(path), list(rows), progress=cfg.training.progress, overwrite=True)
+        rows = [{"source": "sft.train"} | dict(r) if isinstance(r, dict) else r for r in rows]  # source is optional
+        write_dataset(str(path), rows, progress=cfg.training.progress, overwrite=True)
     dist.barrier()
     return replace(cfg, data=replace(cfg.data, path=str(path)))
 

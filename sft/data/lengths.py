@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sft.data.packing import PackingStats, _check_args, check_and_report
+from sft.io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +92,8 @@ def save_cached(cache_dir: str | None, key: str, lengths: np.ndarray) -> None:
     if f is None:
         return
     try:
-        os.makedirs(os.path.dirname(f), exist_ok=True)
-        tmp = f"{f}.tmp{os.getpid()}"
-        with open(tmp, "wb") as fh:
+        with atomic_file(f) as tmp, open(tmp, "wb") as fh:
             np.save(fh, lengths.astype(np.int32, copy=False), allow_pickle=False)
-        os.replace(tmp, f)
     except OSError as e:  # a cache that cannot be written costs a recount next time, never the run
         log.warning("data.length_cache: could not write %s (%s); the next run counts again", f, e)
 

@@ -66,10 +66,11 @@ class ExactMatch(RunHooks):
         """Exact match on the held-out rows (a merged model, reloaded in fp32, runs without autocast)."""
         from sft.data.formatting import prompt_text
         from sft.demo.task import evaluate_accuracy
-        from sft.models.precision import uses_bf16
+        from sft.models.precision import resolve_dtype_policy, uses_bf16
 
         cfg = self.cfg
-        bf16 = not merged and uses_bf16(cfg.model.dtype, cfg.quantization.mode, cfg.quantization.compute_dtype)
+        dtype = resolve_dtype_policy(cfg.model.dtype)  # what the run trains in ("auto" resolved for this machine)
+        bf16 = not merged and uses_bf16(dtype, cfg.quantization.mode, cfg.quantization.compute_dtype)
         acc, _ = evaluate_accuracy(
             model, tokenizer, self.rows, lambda q: prompt_text(tokenizer, q, cfg.data.template),
             batch_size=cfg.training.per_device_eval_batch_size * 4, max_new_tokens=cfg.demo.max_new_tokens,

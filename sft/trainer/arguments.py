@@ -1,5 +1,5 @@
 """The ``transformers.TrainingArguments`` of a run: what sft derives from the config, plus what a library caller
-adds (``sft.train(..., training_args={...})``: any TrainingArguments field, e.g. ``optim``, ``warmup_ratio``,
+adds (``sft.train(..., training_args={...})``: any TrainingArguments field, e.g. ``optim``, ``adam_beta2``,
 ``lr_scheduler_kwargs``), except the few that sft's data path and checkpoint format depend on."""
 
 from __future__ import annotations
@@ -28,21 +28,28 @@ PINNED = {
 }
 
 
-def training_arguments(cfg: RunConfig, ckpt_dir: Path, max_steps: int, eval_strategy: str, eval_steps: int,
-                       save_strategy: str, save_steps: int, device: torch.device, extra: dict[str, Any] | None = None):
-    """TrainingArguments for the run; ``extra`` (a library caller's) overrides sft's values except :data:`PINNED`."""
+def check_extra(extra: dict[str, Any] | None) -> dict[str, Any]:
+    """A caller's extra TrainingArguments, checked (names exist, none of :data:`PINNED`) before any work."""
     from transformers import TrainingArguments
 
-    kwargs = _sft_arguments(cfg, ckpt_dir, max_steps, eval_strategy, eval_steps, save_strategy, save_steps, device)
     extra = dict(extra or {})
     bad = sorted(k for k in extra if k in PINNED)
     if bad:
         raise ConfigError("training_args: " + "; ".join(f"{k} cannot be set ({PINNED[k]})" for k in bad))
     unknown = sorted(k for k in extra if k not in TrainingArguments.__dataclass_fields__)
     if unknown:
-        raise ConfigError(f"training_args: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
-                          "TrainingArguments fields")
-    kwargs.update(extra)
+        raise ConfigError(f"training_args: no TrainingArguments field named {', '.join(unknown)}; see "
+                          "transformers.TrainingArguments for the names")
+    return extra
+
+
+def training_arguments(cfg: RunConfig, ckpt_dir: Path, max_steps: int, eval_strategy: str, eval_steps: int,
+                       save_strategy: str, save_steps: int, device: torch.device, extra: dict[str, Any] | None = None):
+    """TrainingArguments for the run; ``extra`` (a library caller's) overrides sft's values except :data:`PINNED`."""
+    from transformers import TrainingArguments
+
+    kwargs = _sft_arguments(cfg, ckpt_dir, max_steps, eval_strategy, eval_steps, save_strategy, save_steps, device)
+    kwargs.update(check_extra(extra))
     with _cpu_deepspeed_bf16(cfg):
         return TrainingArguments(**kwargs)
 
