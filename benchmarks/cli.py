@@ -46,8 +46,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="force an axis for every cell, e.g. --set dtype=fp32 (repeatable)")
     g.add_argument("--only", action="append", default=[], metavar="TEXT",
                    help="run only cells whose label contains TEXT (repeatable: any of them)")
-    g.add_argument("--repeat", type=int, default=1,
-                   help="run the matrix N times round-robin and report medians (for shared, noisy machines)")
+    g.add_argument("--repeat", type=int, default=3,
+                   help="repeats (default 3): the matrix runs N times interleaved, forward then reversed order, and "
+                        "the report gives each ratio's median and min-max")
+    g.add_argument("--no-warmup-cell", dest="warmup_cell", action="store_false",
+                   help="skip the discarded warm-up cell that runs before anything is measured")
     g = p.add_argument_group("common")
     g.add_argument("--steps", type=int, default=None, help="measured steps per cell (default: from the matrix)")
     g.add_argument("--warmup", type=int, default=None, help="warm-up steps per cell (default: from the matrix)")
@@ -102,8 +105,10 @@ def _command_line(args: argparse.Namespace) -> str:
             parts += ["--set", s]
         for o in args.only:
             parts += ["--only", o]
-        if args.repeat != 1:
+        if args.repeat != 3:
             parts += ["--repeat", str(args.repeat)]
+        if not args.warmup_cell:
+            parts.append("--no-warmup-cell")
     if args.mode == "scaling":
         parts += ["--ranks", ",".join(map(str, args.ranks)), "--modes", args.modes, "--model", args.model,
                   "--seq-length", str(args.seq_length), "--micro-batch", str(args.micro_batch),
@@ -202,14 +207,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"no cell of {matrix.path} matches --only {args.only}")
     opts = _options(args, matrix.steps, matrix.warmup)
     console.print(f"[bold]sft bench[/bold]: matrix {matrix.name} ({matrix.path}), {len(cells)} cell(s) x "
-                  f"{args.repeat} repeat(s), {matrix.warmup} warm-up + {matrix.steps} measured steps each")
+                  f"{args.repeat} interleaved repeat(s) (alternating order{', after a discarded warm-up cell' if args.warmup_cell else ''}), "
+                  f"{matrix.warmup} warm-up + {matrix.steps} measured steps each")
     meta = start_run("matrix", matrix.name, matrix.description, args, console)
     dataset = ensure_dataset(args.dataset_rows or matrix.dataset_rows)
     stem = results_stem(meta["machine"])
     jsonl = opts.results_dir / f"{stem}.jsonl"
     if args.repeat < 1:
         raise ConfigError("--repeat must be >= 1")
-    run_cells(cells, dataset, opts, meta, jsonl, console, repeats=args.repeat)
+    run_cells(cells, dataset, opts, meta, jsonl, console, repeats=args.repeat, warmup_cell=args.warmup_cell)
     from benchmarks.report import load_records
 
     records = load_records(jsonl, meta["run_id"])

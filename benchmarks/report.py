@@ -28,6 +28,18 @@ def _pct(x: Any) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.1f}%"
 
 
+def _ratio(rec: dict, key: str) -> str:
+    """``1.85x`` for one repeat; ``1.85x (1.70-1.93)``, the median and min-max over repeats, for several."""
+    r = rec.get("ratios") or {}
+    if key not in r:
+        return "-"
+    lo_hi = (rec.get("ratio_ranges") or {}).get(key)
+    text = _f(r[key], ".2f") + "x"
+    if lo_hi and rec.get("repeats", 1) > 1:
+        text += f" ({_f(lo_hi[0], '.2f')}-{_f(lo_hi[1], '.2f')})"
+    return text
+
+
 def row_cells(rec: dict) -> list[str]:
     m = rec.get("metrics") or {}
     r = rec.get("ratios") or {}
@@ -40,7 +52,7 @@ def row_cells(rec: dict) -> list[str]:
         rec["config"],
         rec["variant"],
         _f(m.get("tokens_per_s"), ",.0f"),
-        _f(r.get("tokens_per_s"), ".2f") + ("x" if r else ""),
+        _ratio(rec, "tokens_per_s"),
         _f(best, ",.0f"),
         _f(m.get("tokens_per_s_per_rank"), ",.0f"),
         _f(m.get("non_padding_tokens_per_s"), ",.0f"),
@@ -49,7 +61,7 @@ def row_cells(rec: dict) -> list[str]:
         _pct(m.get("mfu")),
         _pct(m.get("hfu")),
         _f((m.get("peak_memory_bytes") or 0) / 2**30, ".2f"),
-        _f(r.get("peak_memory"), ".2f") + ("x" if r else ""),
+        _ratio(rec, "peak_memory"),
         _pct(m.get("data_wait_fraction")),
         _f(m.get("time_to_first_step_s"), ".0f"),
         f"{load[0][0]:.1f}-{load[1][0]:.1f}" if load[0] and load[1] else "-",
@@ -57,8 +69,9 @@ def row_cells(rec: dict) -> list[str]:
 
 
 def combine_repeats(records: list[dict]) -> list[dict]:
-    """One record per cell label: with repeats, the median of every metric and ratio over the successful repeats
-    (step times of all repeats are kept, so best-step tok/s uses them all)."""
+    """One record per cell label: with repeats, the median of every metric and ratio over the successful repeats,
+    and each ratio's min-max (``ratio_ranges``); each repeat's ratio is to that repeat's baseline, so the median
+    ratio is not the ratio of medians. Step times of all repeats are kept (best-step tok/s uses them all)."""
     import statistics
 
     groups: dict[str, list[dict]] = {}
@@ -83,6 +96,9 @@ def combine_repeats(records: list[dict]) -> list[dict]:
         with_ratios = [r["ratios"] for r in ok if r.get("ratios")]
         rec["ratios"] = ({k: statistics.median(x[k] for x in with_ratios) for k in with_ratios[0]}
                          if with_ratios else None)
+        rec["ratio_ranges"] = ({k: [min(x[k] for x in with_ratios), max(x[k] for x in with_ratios)]
+                                for k in with_ratios[0]} if with_ratios else None)
+        rec["ratio_repeats"] = len(with_ratios)
         rec["repeats"] = len(ok)
         rec["variant"] = f"{ok[0]['variant']} (median of {len(ok)})"
         rec["load_avg_before"], rec["load_avg_after"] = group[0].get("load_avg_before"), group[-1].get("load_avg_after")
@@ -127,6 +143,21 @@ def peak_section(peak: dict, facts: dict) -> str:
     return "\n".join(lines)
 
 
+def row_facts_line(rec: dict) -> str:
+    """The facts every row records, as one line: AMX, AVX512-BF16, threads, commit (the README table cites it)."""
+    def yn(x):
+        return "?" if x is None else ("yes" if x else "no")
+
+    cpu = ((rec.get("machine") or {}).get("cpu") or {})
+    commit = rec.get("commit") or ((rec.get("machine") or {}).get("git") or {}).get("commit") or "?"
+    dirty = rec.get("dirty", ((rec.get("machine") or {}).get("git") or {}).get("dirty"))
+    return (f"CPU {cpu.get('model') or cpu.get('model_name') or '?'}: AMX-bf16 {yn(rec.get('amx_bf16', cpu.get('amx_bf16')))}, "
+            f"AVX512-BF16 {yn(rec.get('avx512_bf16', cpu.get('avx512_bf16')))}, "
+            f"{rec.get('threads') or (rec.get('metrics') or {}).get('threads_per_rank') or '?'} thread(s) per rank; "
+            f"commit {commit[:12]}{' (dirty tree)' if dirty else ''}; "
+            f"{rec.get('repeats', 1)} repeat(s).")
+
+
 def markdown_report(records: list[dict], title: str) -> str:
     first = records[0]
     facts, peak = first.get("machine") or {}, first.get("peak") or {}
@@ -140,12 +171,16 @@ def markdown_report(records: list[dict], title: str) -> str:
         "",
         "Machine: " + describe_machine(facts).replace("\n", "  \n"),
         "",
+        row_facts_line(first),
+        "",
         peak_section(peak, facts),
         "",
         f"Each cell ran in its own process: {first.get('warmup')} warm-up step(s) (the first includes start-up), then "
         f"{first.get('steps')} measured optimizer step(s). tok/s counts every position of the packed blocks "
         "(non-pad: positions that are not padding; packed blocks have none), summed over ranks. "
-        "`vs base`: ratio to the baseline (the seed recipe) of the same workload measured in this run. "
+        "`vs base`: ratio to the baseline (the seed recipe) of the same workload measured in the same repeat; with "
+        "repeats, the median over repeats and (min-max). Repeats are interleaved (every cell once per repeat), in "
+        "alternating order (baselines first, then last), after a discarded warm-up cell. "
         "best-step tok/s: tokens of one step / the fastest measured step (the least disturbed one on a shared "
         "machine). Peak memory: " + ((records[0].get("metrics") or {}).get("peak_memory_kind") or "peak RSS / CUDA max allocated")
         + ". Data wait: share of step time spent waiting for the next batch. 1st step: process start to the end of "

@@ -2,9 +2,14 @@
 
 A cell in its own process gives each cell its own peak RSS, a clean allocator and thread pool, and isolation: a
 cell that crashes, runs out of memory or hangs past ``cell_timeout`` is recorded with the last lines of its stderr
-and the run goes on. Results are appended to ``<results>/<date>-<host>.jsonl`` as each cell finishes (one JSON
-object per cell, with the machine facts and the measured peak), baselines first so that every other cell's
-ratio to the baseline of the same run is in its line.
+and the run goes on. Results are appended to ``<results>/<date>-<host>.jsonl`` one repeat at a time (one JSON
+object per cell, with the machine facts, the measured peak, AMX / AVX512-BF16, threads and the commit), each with
+its ratio to the baseline of the same workload in the same repeat.
+
+The protocol (so that the benchmark cannot fool itself on a shared, noisy machine): cells run interleaved, the
+whole list once per repeat (3 by default), forward in even repeats (baselines first) and reversed in odd ones
+(baselines last); a warm-up cell runs before anything is measured and is discarded; the report gives each ratio's
+median and its min-max over repeats (:func:`plan_runs`, :func:`assign_ratios`, report.combine_repeats).
 
 Launch forms (CPU): one rank runs ``python -m launch.pin --cpus C -- -m benchmarks.cell SPEC`` (pinned to the
 cores it owns, OMP_NUM_THREADS = their number); N ranks run the verified form
@@ -312,13 +317,65 @@ class CellRecord:
     baseline: str | None = None
 
 
-def run_cells(cells: list[CellSpec], dataset: str, opts: RunOptions, run_meta: dict, jsonl: Path,
-              console=None, repeats: int = 1) -> list[CellRecord]:
-    """Run ``cells`` in order, appending one JSONL line per cell; returns the records of this run.
+@dataclass(frozen=True)
+class PlannedCell:
+    """One entry of a run's plan: which repeat, which position in it, and whether it is only the warm-up."""
 
-    ``repeats`` > 1 runs the whole list that many times, round-robin (baseline, framework, baseline, framework, ...),
-    so that on a shared machine every variant sees the same mix of quiet and busy periods; each repeat's ratios are
-    to that repeat's baseline, and the report shows medians over repeats."""
+    repeat: int  # -1 for the warm-up
+    position: int
+    cell: CellSpec
+    order: str  # "forward" (baselines first) | "reversed" (baselines last) | "warm-up"
+
+    @property
+    def warmup(self) -> bool:
+        return self.repeat < 0
+
+
+def plan_runs(cells: list[CellSpec], repeats: int, warmup_cell: bool = True) -> list[PlannedCell]:
+    """The order cells run in: the whole list once per repeat, interleaved (every variant once per repeat, so on a
+    shared machine each sees the same mix of quiet and busy periods), forward in even repeats (baselines first,
+    as load_matrix sorts them) and reversed in odd ones (baselines last), so that a drift over the run (thermal,
+    a neighbour's job starting) does not always favour the same side of a ratio. With ``warmup_cell`` the first
+    cell runs once more before anything is measured and is discarded: whatever the first process pays (page cache,
+    CPU clocks after the peak measurement; measured ~1.5x slow on the AMX Xeon) is paid by no measured cell."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    plan: list[PlannedCell] = []
+    if warmup_cell and cells:
+        plan.append(PlannedCell(-1, 0, cells[0], "warm-up"))
+    for rep in range(repeats):
+        order = cells if rep % 2 == 0 else list(reversed(cells))
+        plan += [PlannedCell(rep, i, c, "forward" if rep % 2 == 0 else "reversed") for i, c in enumerate(order)]
+    return plan
+
+
+def assign_ratios(records: list[CellRecord]) -> None:
+    """Ratios of each record to the baseline of the same workload in the same repeat (records: one repeat's,
+    in any order; the baseline may have run last)."""
+    bases = {r.cell.label(): r for r in records if r.cell.runner == "baseline" and r.metrics}
+    for rec in records:
+        base_cell = baseline_for(rec.cell, [b.cell for b in bases.values()])
+        if base_cell is not None and rec.metrics:
+            rec.baseline = base_cell.label()
+            rec.ratios = ratios(rec.metrics, bases[base_cell.label()].metrics)
+
+
+def row_facts(run_meta: dict, metrics: dict | None, cell: CellSpec) -> dict:
+    """What every result row carries on its own (so a row read alone says what machine and code it measured):
+    AMX / AVX512-BF16, threads per rank, the commit and whether the tree was dirty."""
+    machine = run_meta.get("machine") or {}
+    cpu, git = machine.get("cpu") or {}, machine.get("git") or {}
+    threads = (metrics or {}).get("threads_per_rank") or cell.threads
+    return {"amx_bf16": cpu.get("amx_bf16"), "avx512_bf16": cpu.get("avx512_bf16"), "threads": threads,
+            "commit": git.get("commit"), "dirty": git.get("dirty")}
+
+
+def run_cells(cells: list[CellSpec], dataset: str, opts: RunOptions, run_meta: dict, jsonl: Path,
+              console=None, repeats: int = 3, warmup_cell: bool = True) -> list[CellRecord]:
+    """Run ``cells`` by :func:`plan_runs` (interleaved repeats, alternating order, a discarded warm-up cell first);
+    returns the records of this run. Each repeat's lines are appended to the JSONL when the repeat ends (its
+    ratios are to that repeat's baseline, which runs last in odd repeats); an interrupted repeat is written as far
+    as it got. The report gives the median over repeats and the min-max of each ratio."""
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -336,18 +393,40 @@ def run_cells(cells: list[CellSpec], dataset: str, opts: RunOptions, run_meta: d
             raise SystemExit(128 + signum)
 
         previous = signal.signal(signal.SIGTERM, _terminate)
-    done_baselines: dict[str, CellRecord] = {}
+    plan = plan_runs(cells, repeats, warmup_cell)
+    pending: list[tuple[PlannedCell, CellRecord, dict]] = []  # this repeat's cells, written when it ends
+    index = 0
+
+    def flush() -> None:
+        nonlocal index
+        assign_ratios([rec for _, rec, _ in pending])
+        for entry, rec, extra in pending:
+            append_jsonl(jsonl, {
+                "schema": SCHEMA, **run_meta, "index": index, "label": rec.cell.label(),
+                "config": rec.cell.config_label(), "variant": rec.cell.variant, "cell": rec.cell.to_dict(),
+                "status": rec.status, "error": rec.error, "wall_s": rec.wall_s, "metrics": rec.metrics,
+                "baseline": rec.baseline, "ratios": rec.ratios, "steps": opts.steps, "warmup": opts.warmup,
+                "dataset": dataset, **extra, "cell_env": opts.env, "repeat": entry.repeat,
+                "position": entry.position, "order": entry.order, **row_facts(run_meta, rec.metrics, rec.cell),
+            })
+            index += 1
+            if rec.ratios:
+                progress.console.print(f"  repeat {entry.repeat}: {escape(rec.cell.label())}: "
+                                       f"x{rec.ratios['tokens_per_s']:.2f} of baseline")
+        pending.clear()
+
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("cell {task.fields[cell_s]:>5.0f} s"), TimeElapsedColumn(),
                         console=console, disable=not opts.progress, transient=False)
     try:
         with progress:
-            task = progress.add_task("bench", total=len(cells) * repeats, cell_s=0.0)
-            plan = [(rep, cell) for rep in range(repeats) for cell in cells]
-            for i, (rep, cell) in enumerate(plan):
-                if i % len(cells) == 0:
-                    done_baselines = {}  # ratios compare with the baseline of the same repeat
-                progress.update(task, description=escape(cell.label()), cell_s=0.0)
+            task = progress.add_task("bench", total=len(plan), cell_s=0.0)
+            for i, entry in enumerate(plan):
+                cell = entry.cell
+                if pending and pending[-1][0].repeat != entry.repeat:
+                    flush()
+                what = "warm-up (not measured): " if entry.warmup else f"repeat {entry.repeat}: "
+                progress.update(task, description=escape(what + cell.label()), cell_s=0.0)
                 load_before = _loadavg()
                 status, results, error, wall = run_cell(
                     cell, dataset, work_root / f"cell{i:02d}", opts,
@@ -359,24 +438,17 @@ def run_cells(cells: list[CellSpec], dataset: str, opts: RunOptions, run_meta: d
                     except (ValueError, KeyError, IndexError, ZeroDivisionError) as e:
                         status, error = "failed", f"could not aggregate results: {type(e).__name__}: {e}"
                 rec = CellRecord(cell, status, metrics, error, wall)
-                if cell.runner == "baseline" and metrics:
-                    done_baselines[cell.label()] = rec
-                base_cell = baseline_for(cell, [r.cell for r in done_baselines.values()])
-                if base_cell is not None and metrics:
-                    rec.baseline = base_cell.label()
-                    rec.ratios = ratios(metrics, done_baselines[base_cell.label()].metrics)
-                records.append(rec)
-                append_jsonl(jsonl, {
-                    "schema": SCHEMA, **run_meta, "index": i, "label": cell.label(), "config": cell.config_label(),
-                    "variant": cell.variant, "cell": cell.to_dict(), "status": status, "error": error,
-                    "wall_s": wall, "metrics": metrics, "baseline": rec.baseline, "ratios": rec.ratios,
-                    "steps": opts.steps, "warmup": opts.warmup, "dataset": dataset,
-                    "load_avg_before": load_before, "load_avg_after": _loadavg(), "cell_env": opts.env,
-                    "repeat": rep,
-                })
                 progress.advance(task)
+                if entry.warmup:
+                    progress.console.print(f"warm-up cell ({status}, {wall:.0f} s), discarded: "
+                                           f"{escape(cell.label())}")
+                    continue
+                records.append(rec)
+                pending.append((entry, rec, {"load_avg_before": load_before, "load_avg_after": _loadavg()}))
                 progress.console.print(one_line(rec))
     finally:
+        if pending:
+            flush()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         if not opts.keep_work:
@@ -404,7 +476,7 @@ def one_line(rec: CellRecord) -> str:
         last = (rec.error or "").strip().splitlines()
         return f"[red]x {label}: {rec.status}[/red] ({rec.wall_s:.0f} s): {escape(last[-1] if last else '')}"
     m = rec.metrics
-    ratio = f" (x{rec.ratios['tokens_per_s']:.2f} of baseline)" if rec.ratios else ""
+    ratio = f" (x{rec.ratios['tokens_per_s']:.2f} of baseline)" if rec.ratios else ""  # set at the repeat's end
     return (f"[green]ok[/green] {label}: {m['tokens_per_s']:,.0f} tok/s{ratio}, "
             f"step {m['step_time_median_s']:.2f} s, MFU {100 * m['mfu']:.1f}%, "
             f"peak {m['peak_memory_bytes'] / 2**30:.2f} GiB, {rec.wall_s:.0f} s")

@@ -219,7 +219,7 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     stem = results_stem(meta["machine"])
     jsonl = opts.results_dir / f"{stem}.jsonl"
     console.print(f"[bold]sft bench scaling[/bold]: {len(cells)} cell(s), {warmup} warm-up + {steps} measured steps")
-    records = run_cells([c for _, _, c in cells], dataset, opts, meta, jsonl, console)
+    records = run_cells([c for _, _, c in cells], dataset, opts, meta, jsonl, console, repeats=1, warmup_cell=False)
     points = []
     for (mode, n, spec), rec in zip(cells, records):
         if rec.status != "ok":

@@ -139,6 +139,67 @@ def test_scaling_analysis_and_plot(tmp_path):
 # --------------------------------------------------------------------------------------------- the real CLI
 
 
+# --------------------------------------------------------------------------------------------- the protocol
+
+
+def _cells(*variants):
+    from benchmarks.matrix import CellSpec
+
+    return [CellSpec(model="opt-125m", quantization="none", seq_length=64, micro_batch=2, gradient_checkpointing=True,
+                     dtype="fp32", variant=v, ranks=1, threads=None, lora_r=8, lora_targets=["q_proj"],
+                     runner="baseline" if v == "baseline" else "framework") for v in variants]
+
+
+def test_plan_interleaves_alternates_and_warms_up_first():
+    from benchmarks.runner import plan_runs
+
+    cells = _cells("baseline", "framework", "plain-loss")
+    plan = plan_runs(cells, 3)
+    # the warm-up (the first cell, discarded) comes before anything measured
+    assert plan[0].warmup and plan[0].cell is cells[0] and not any(p.warmup for p in plan[1:])
+    measured = plan[1:]
+    assert [p.repeat for p in measured] == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # interleaved: each repeat holds every cell
+    names = [[p.cell.variant for p in measured if p.repeat == r] for r in range(3)]
+    assert names == [["baseline", "framework", "plain-loss"], ["plain-loss", "framework", "baseline"],
+                     ["baseline", "framework", "plain-loss"]]  # baseline first, then last
+    assert [p.order for p in measured[:4]] == ["forward"] * 3 + ["reversed"]
+    assert not plan_runs(cells, 1, warmup_cell=False)[0].warmup
+    with pytest.raises(ValueError):
+        plan_runs(cells, 0)
+
+
+def test_ratios_are_to_the_same_repeats_baseline_and_reported_as_median_and_range():
+    from benchmarks.report import _ratio, combine_repeats
+    from benchmarks.runner import CellRecord, assign_ratios
+
+    base, fw = _cells("baseline", "framework")
+
+    def metrics(tps, mem):
+        return {"tokens_per_s": tps, "peak_memory_bytes": mem, "step_time_median_s": 1000.0 / tps,
+                "step_times_s": [1000.0 / tps]}
+
+    rows = []
+    # per repeat: (baseline tok/s, framework tok/s); the baseline runs last in repeat 1
+    for rep, (b, f) in enumerate([(100.0, 200.0), (50.0, 150.0), (100.0, 250.0)]):
+        recs = [CellRecord(fw, "ok", metrics(f, 2.0), None, 1.0), CellRecord(base, "ok", metrics(b, 4.0), None, 1.0)]
+        if rep % 2 == 0:
+            recs.reverse()
+        assign_ratios(recs)
+        for r in recs:
+            rows.append({"label": r.cell.label(), "config": r.cell.config_label(), "variant": r.cell.variant,
+                         "status": r.status, "metrics": r.metrics, "ratios": r.ratios, "repeat": rep})
+    per_repeat = [r["ratios"]["tokens_per_s"] for r in rows if r["variant"] == "framework"]
+    assert per_repeat == [2.0, 3.0, 2.5]  # each to its own repeat's baseline
+    combined = {r["label"]: r for r in combine_repeats(rows)}
+    f = combined[fw.label()]
+    assert f["repeats"] == 3
+    assert f["ratios"]["tokens_per_s"] == 2.5  # median of the per-repeat ratios
+    assert f["ratio_ranges"]["tokens_per_s"] == [2.0, 3.0]
+    assert f["ratios"]["peak_memory"] == 0.5
+    assert _ratio(f, "tokens_per_s") == "2.50x (2.00-3.00)"
+    assert combined[base.label()]["ratios"]["tokens_per_s"] == 1.0
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """The smoke matrix plus one cell that cannot start, through `sft bench`."""
@@ -148,7 +209,7 @@ def smoke_run(tmp_path_factory):
     matrix.write_text(smoke.replace("cells:\n  - {}", "cells:\n  - {model: /nonexistent/model-dir, variant: framework}\n  - {}"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([*SFT, "bench", "--matrix", str(matrix), "--results-dir", str(work / "results"),
-                           "--peak-seconds", "1", "--no-progress"],
+                           "--peak-seconds", "1", "--no-progress", "--repeat", "1", "--no-warmup-cell"],
                           cwd=work, env=env, capture_output=True, text=True, timeout=900)
     return work / "results", proc
 
@@ -206,5 +267,8 @@ def test_smoke_metrics_present_and_sensible(smoke_run):
         # machine facts and the measured peak travel with every line
         assert r["machine"]["cpu"]["physical_cores"] >= 1 and r["machine"]["libraries"]["torch"]
         assert "commit" in r["machine"]["git"]
+        # and the row says on its own what CPU features, threads and commit it measured
+        assert r["amx_bf16"] in (True, False) and r["avx512_bf16"] in (True, False) and r["threads"] >= 1
+        assert r["commit"] == r["machine"]["git"]["commit"] and r["repeat"] == 0 and r["order"] == "forward"
         assert _finite_positive(r["peak"]["peak_flops"]) and r["peak"]["peak_dtype"] in ("bf16", "fp32")
     assert ok[0]["ratios"]["tokens_per_s"] == 1.0

@@ -30,19 +30,52 @@ from sft.ops.capabilities import supports
 IGNORE_INDEX = -100
 
 
-def default_chunk(vocab: int, budget_bytes: int = 128 * 2**20) -> int:
-    """Rows per chunk so that one chunk of fp32 logits (and its softmax, computed in place) stays ~``budget``."""
-    return max(64, budget_bytes // (4 * max(1, vocab)))
+def default_chunk(vocab: int, budget_bytes: int = 32 * 2**20) -> int:
+    """Rows per lm_head GEMM so that one chunk of logits in the compute dtype stays ~``budget`` (256 rows at a
+    50k vocabulary in bf16: the GEMM stays efficient, and the chunk is reused as the gradient's buffer)."""
+    return max(64, min(1024, budget_bytes // (2 * max(1, vocab))))
+
+
+ROW_BLOCK = 16  # rows of fp32 softmax work at a time: 16 x 50k x 4 B = 3 MB, stays in cache across its passes
 
 
 def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 logits of one chunk and their per-row log-sum-exp."""
+    """fp32 logits of one chunk and their per-row log-sum-exp (the no-grad path)."""
     logits = h.to(compute_dtype) @ weight.to(compute_dtype).t()
     if bias is not None:
         logits = logits + bias.to(compute_dtype)
     logits = logits.float()
     return logits, torch.logsumexp(logits, dim=-1)
+
+
+def _softmax_grad_rows(logits: torch.Tensor, y: torch.Tensor, scale: float, buf: torch.Tensor) -> torch.Tensor:
+    """Over ``logits`` (rows x vocab, compute dtype), in place: the summed cross-entropy of the rows (fp32, returned)
+    and ``scale * (softmax - onehot)`` written back into ``logits``, the gradient the next GEMM reads.
+
+    The logits are the GEMM's output in the compute dtype (under bf16 they are bf16-rounded exactly as the plain
+    path's autocast lm_head output is); max, exp, sum and log-sum-exp are fp32, ``ROW_BLOCK`` rows at a time in a
+    reused fp32 buffer ``buf``, so no fp32 copy of the chunk's logits exists and every pass over a block hits the
+    cache (the one-shot version, ``logits.float()`` + ``logsumexp`` + ``exp``, spent as long as the GEMMs)."""
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for r in range(0, logits.shape[0], ROW_BLOCK):
+        rows_out = logits[r:r + ROW_BLOCK]
+        k = rows_out.shape[0]
+        b = buf[:k] if buf.dtype != logits.dtype else rows_out  # fp32 compute: work on the logits themselves
+        if b is not rows_out:
+            b.copy_(rows_out)
+        yr = y[r:r + k]
+        idx = torch.arange(k, device=logits.device)
+        target = b[idx, yr].clone()
+        m = b.amax(1, keepdim=True)
+        b.sub_(m).exp_()
+        ssum = b.sum(1, keepdim=True)
+        total += (m.squeeze(1) + ssum.log().squeeze(1) - target).sum()
+        b.mul_(scale / ssum)
+        b[idx, yr] -= scale
+        if b is not rows_out:
+            rows_out.copy_(b)
+    return total
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -54,21 +87,25 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_w and bias is not None else None
         w = weight.to(compute_dtype)
+        b = None if bias is None else bias.to(compute_dtype)
+        vocab = weight.shape[0]
+        # one logits buffer (chunk x vocab, compute dtype) and one fp32 row block, reused by every chunk: no
+        # allocation (and no page faults on fresh pages) per chunk
+        logits_buf = torch.empty((min(chunk, n), vocab), dtype=compute_dtype, device=hidden.device)
+        row_buf = torch.empty((ROW_BLOCK, vocab), dtype=torch.float32, device=hidden.device)
         for s in range(0, n, chunk):
-            h, y = hidden[s:s + chunk], targets[s:s + chunk]
-            logits, lse = _chunk_loss(h, w, bias, compute_dtype)
-            rows = torch.arange(y.shape[0], device=y.device)
-            total += (lse - logits[rows, y]).sum()
-            # d(sum of CE)/d logits = softmax - onehot, computed in place over the logits buffer
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[rows, y] -= 1.0
-            probs.mul_(scale)
-            g = probs.to(compute_dtype)
-            grad_h[s:s + chunk] = (g @ w).to(hidden.dtype)
+            h = hidden[s:s + chunk].to(compute_dtype)
+            logits = logits_buf[:h.shape[0]]
+            if b is None:
+                torch.mm(h, w.t(), out=logits)
+            else:
+                torch.addmm(b, h, w.t(), out=logits)
+            total += _softmax_grad_rows(logits, targets[s:s + chunk], scale, row_buf)
+            grad_h[s:s + chunk] = (logits @ w).to(hidden.dtype)  # logits now hold scale * (softmax - onehot)
             if grad_w is not None:
-                grad_w.addmm_(probs.t(), h.float())
+                grad_w.addmm_(logits.t().float(), h.float())
                 if grad_b is not None:
-                    grad_b += probs.sum(0)
+                    grad_b += logits.float().sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype, ctx.bias_dtype = weight.dtype, None if bias is None else bias.dtype
         return total * scale
