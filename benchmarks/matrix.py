@@ -238,7 +238,6 @@ def framework_overrides(spec: CellSpec, dataset: str, output_dir: str, max_steps
             "eval_strategy": "no",
             "save_strategy": "no",
             "merge": False,
-            "accuracy_samples": 0,
             "report_to": ["none"],
             "progress": False,
         },
