@@ -15,7 +15,6 @@ import torch
 import torch.distributed as tdist
 
 from sft.dist import ccl
-from sft.dist.ccl import _ccl_importable, _deepspeed_importable
 from sft.dist.ranks import deepspeed_launch, dist_info, fsdp_launch, is_initialized
 from sft.runs import format_int_list
 
@@ -35,16 +34,16 @@ def choose_backend(device: str = "cpu", requested: str | None = None) -> str:
     if str(device).startswith("cuda"):
         return "nccl"
     if requested and requested != "auto":
-        if requested == "ccl" and not _ccl_importable():
+        if requested == "ccl" and not ccl._ccl_importable():
             raise RuntimeError("backend 'ccl' requested but oneccl_bindings_for_pytorch does not import")
         if requested == "mpi" and not tdist.is_mpi_available():
             raise RuntimeError("backend 'mpi' requested but this torch was built without MPI")
-        if requested == "ds-ccl" and not _deepspeed_importable():
+        if requested == "ds-ccl" and not ccl._deepspeed_importable():
             raise RuntimeError("backend 'ds-ccl' requested but deepspeed is not importable: pip install 'deepspeed>=0.16'")
         if requested not in CPU_BACKENDS:
             raise RuntimeError(f"unknown CPU backend {requested!r} ({', '.join(CPU_BACKENDS)})")
         return requested
-    if _ccl_importable():
+    if ccl._ccl_importable():
         return "ccl"
     if tdist.is_available() and tdist.is_mpi_available():
         return "mpi"
