@@ -58,7 +58,7 @@ load_tokenizer(ModelConfig(name="arch:" + arch)).save_pretrained(out)
 STREAM_BUILD = """
 import json, sys, torch
 from sft.config import ModelConfig
-from sft.merging import _ShardWriter
+from sft.merging.shards import _ShardWriter
 from sft.models import arch_config, load_tokenizer
 from transformers import AutoModelForCausalLM
 arch, out, shard = sys.argv[1], sys.argv[2], sys.argv[3]

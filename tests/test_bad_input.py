@@ -86,7 +86,7 @@ def sft(capsys):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Loading a model fails the test: the case under test must be refused before that."""
-    import sft.merging
+    import sft.merging.check
     import sft.models
 
     def boom(*a, **k):
@@ -94,7 +94,7 @@ def no_model_load(monkeypatch):
 
     monkeypatch.setattr(sft.models, "load_model_and_tokenizer", boom)
     monkeypatch.setattr(sft.models, "load_base_model", boom)
-    monkeypatch.setattr(sft.merging, "_reference_base", boom)
+    monkeypatch.setattr(sft.merging.check, "_reference_base", boom)
 
 
 def assert_nothing_left(path) -> None:

@@ -8,10 +8,8 @@ import torch
 
 from sft.config import LoraSection, ModelConfig, QuantizationConfig
 from sft.errors import MergeError
-from sft.merging import (
-    BASE_META, INDEX, _ShardWriter, base_meta_callback, find_base_meta, load_adapter_model, merge_adapter,
-    write_base_meta,
-)
+from sft.merging import BASE_META, INDEX, find_base_meta, load_adapter_model, merge_adapter, write_base_meta
+from sft.merging.shards import _ShardWriter
 
 
 def make_adapter(out: Path, model_cfg: ModelConfig, quant_cfg: QuantizationConfig | None = None, seed: int = 0,
@@ -191,9 +189,9 @@ def test_mismatched_base_leaves_nothing(fp32_adapter, tmp_path, check):
 
 
 def test_failed_self_check_leaves_nothing(fp32_adapter, tmp_path, monkeypatch):
-    import sft.merging
+    import sft.merging.check
 
-    monkeypatch.setattr(sft.merging, "_tolerance", lambda dtype, max_ref: -1.0)  # any difference is too much
+    monkeypatch.setattr(sft.merging.check, "_tolerance", lambda dtype, max_ref: -1.0)  # any difference is too much
     out = tmp_path / "merged"
     with pytest.raises(MergeError, match="logits differ"):
         merge_adapter(fp32_adapter, out, check=True)
@@ -239,15 +237,11 @@ def test_merge_from_a_checkpoint_dir_finds_the_base(fp32_adapter, tmp_path, caps
     assert where == run / "summary.json" and meta["model"] == cfg["model"] and meta["seed"] == 0
 
 
-def test_checkpoint_callback_writes_base_meta(tmp_path):
-    from types import SimpleNamespace
-
+def test_checkpoint_base_meta_is_found(tmp_path):
     run = tmp_path / "run"
     ckpt = run / "checkpoints" / "checkpoint-30"
     ckpt.mkdir(parents=True)
-    cb = base_meta_callback(ModelConfig(name="arch:tiny-llama"), QuantizationConfig(mode="nf4"), 7)
-    cb.on_save(SimpleNamespace(output_dir=str(run / "checkpoints")),
-               SimpleNamespace(is_world_process_zero=True, global_step=30), None)
+    write_base_meta(ckpt, ModelConfig(name="arch:tiny-llama"), QuantizationConfig(mode="nf4"), 7)  # as training's checkpoint_extras
     meta, where = find_base_meta(ckpt)
     assert where == ckpt / BASE_META
     assert meta["model"]["name"] == "arch:tiny-llama" and meta["quantization"]["mode"] == "nf4" and meta["seed"] == 7

@@ -112,7 +112,7 @@ def nf4_adapter(tmp_path_factory) -> Path:
 def test_nf4_merge_matches_adapter_on_4bit_base(nf4_adapter, tmp_path):
     """The merge adds the adapter to the dequantized 4-bit weights. Against the adapter on the 4-bit base its
     logits are within bf16 rounding; adding it to the original weights instead is far worse (printed: see the
-    numbers in sft/merging.py's docstring)."""
+    numbers in sft/merging/__init__.py's docstring)."""
     from transformers import AutoModelForCausalLM
 
     from sft.merging import load_adapter_model, merge_adapter
