@@ -127,9 +127,7 @@ def _parse_map(items: list[str] | None) -> dict[str, str]:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     _offline_unless_hub()  # ingest never needs the hub (a saved HF dataset is read from disk)
-    from sft.data.ingest import ingest
-
-    from sft.data.formats import RECORD_FORMATS
+    from sft.data.ingest import RECORD_FORMATS, ingest
 
     file_fmt = record_fmt = None
     for f in args.format or []:  # --format names a file format, a record format, or one of each

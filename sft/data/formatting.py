@@ -34,7 +34,7 @@ Special tokens
 Conversations
 -------------
 A row with a ``"conversation"`` (JSON text ``[{"role", "content"}, ...]``: optional system turns, then user /
-assistant turns alternating, ending with the assistant; see :mod:`sft.data.formats`) is formatted turn by turn.
+assistant turns alternating, ending with the assistant; see :mod:`sft.data.ingest.formats`) is formatted turn by turn.
 ``default`` renders consecutive pairs ``Question: {user}\n\nAnswer: {assistant}`` separated by a blank line, the
 system turns (if any) opening the first question as in the row's ``question``. ``chat`` renders the whole
 conversation with the tokenizer's template. With ``answer_only`` every assistant reply is trained and everything

@@ -37,7 +37,7 @@ from sft.errors import DataError
 
 #: Columns training needs. Datasets written by ``sft ingest`` also have ``source`` (provenance; not read here).
 REQUIRED_COLUMNS = ("question", "answer")
-#: Optional text column: a row's whole conversation as JSON (sft.data.formats says why). Rows of datasets that
+#: Optional text column: a row's whole conversation as JSON (sft.data.ingest.formats says why). Rows of datasets that
 #: have it carry a ``"conversation"`` key (``None`` for rows that are one plain exchange).
 CONVERSATION_COLUMN = "conversation"
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sft.data.formats import Fields, needed
+from sft.data.ingest.formats import Fields, needed
 from sft.errors import IngestError
 
 #: Rows per Parquet / Hugging Face read batch (bounded memory; never the whole file).
