@@ -19,7 +19,11 @@ import socket
 import subprocess
 import sys
 
-from .plan import BACKENDS, DEFAULT_PORT, LAUNCHERS, PER_CHOICES, REPO_ROOT, LaunchPlan, PlanError, format_plan, make_plan
+from .backends import BACKENDS
+from .commands import REPO_ROOT
+from .errors import PlanError
+from .network import DEFAULT_PORT
+from .plan import LAUNCHERS, PER_CHOICES, LaunchPlan, format_plan, make_plan
 from .topology import TopologyError, detect_topology, load_topology
 
 NODE_RANK_VARS = ("SFT_MACHINE_RANK", "SLURM_NODEID", "NODE_RANK", "OMPI_COMM_WORLD_NODE_RANK")

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if (extra_env.get("SFT_IFACE") or os.environ.get("SFT_IFACE")) == "route":
         # the mpirun form: this node's interface that routes to the master (names differ between hosts)
-        from .plan import detect_iface
+        from .network import detect_iface
 
         master = extra_env.get("MASTER_ADDR") or os.environ.get("MASTER_ADDR", "")
         name = detect_iface(master) if master else None

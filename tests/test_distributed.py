@@ -1,7 +1,7 @@
 """Real multi-process runs on this machine (gloo): launch forms, equivalence with one rank, dead ranks.
 
 Ranks are started the way users start them: `accelerate launch --multi_gpu --num_processes N` with
-ACCELERATE_USE_CPU=true (`--cpu --num_processes N` starts ONE process: see facts.md / launch/plan.py).
+ACCELERATE_USE_CPU=true (`--cpu --num_processes N` starts ONE process: see facts.md / launch/commands.py).
 """
 
 import json

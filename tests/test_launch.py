@@ -20,16 +20,10 @@ from pathlib import Path
 import pytest
 
 from launch import cli, pin
-from launch.plan import (
-    DsCclPrereqs,
-    PlanError,
-    check_ds_ccl_prereqs,
-    format_plan,
-    make_plan,
-    parse_hostfile,
-    resolve_backend,
-    validate_plan,
-)
+from launch.backends import DsCclPrereqs, check_ds_ccl_prereqs, resolve_backend
+from launch.errors import PlanError
+from launch.network import parse_hostfile
+from launch.plan import format_plan, make_plan, validate_plan
 from launch.topology import (
     Topology,
     cgroup_cpuset,
