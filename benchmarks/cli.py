@@ -197,7 +197,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from benchmarks.data import ensure_dataset
     from benchmarks.matrix import load_matrix
     from benchmarks.report import write_report
-    from benchmarks.runner import results_stem, run_cells
+    from benchmarks.jsonl import results_stem
+    from benchmarks.runner import run_cells
 
     console = make_console()
     matrix = load_matrix(args.matrix, steps=args.steps, warmup=args.warmup,

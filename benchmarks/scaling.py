@@ -203,7 +203,8 @@ def plot(result: dict, path: Path, title: str, machine: dict | None = None) -> P
 def cmd_scaling(args: argparse.Namespace) -> int:
     from benchmarks.cli import _options, make_console, start_run
     from benchmarks.data import ensure_dataset
-    from benchmarks.runner import append_jsonl, results_stem, run_cells
+    from benchmarks.jsonl import append_jsonl, results_stem
+    from benchmarks.runner import run_cells
 
     console = make_console()
     modes = [m for m in args.modes.split(",") if m]

@@ -26,11 +26,10 @@ from sft.hooks import RunHooks
 from sft.metrics import StepTimer, peak_rss_bytes
 from sft.models import count_parameters, load_tokenizer, prepare_weights
 from sft.summary import RunSummary
-from sft.trainer import tracking
 from sft.trainer.adapter import save_adapter
 from sft.trainer.arguments import check_extra, leave_sharded_mode
 from sft.trainer.build import build_trainer, fit
-from sft.trainer.callbacks import ThroughputCallback
+from sft.trainer.callbacks import ThroughputCallback, TrackerMetrics
 from sft.trainer.resume import resolve_resume, resume_meta
 from sft.trainer.trainer import strategy
 
@@ -48,7 +47,7 @@ def train(cfg: RunConfig, model=None, dataset: str | Iterable[dict] | None = Non
     check_extra(training_args)
     run = _resolved(cfg, dataset)
     hooks = [c for c in callbacks if isinstance(c, RunHooks)]
-    dist.init_process_group_if_needed(timeout_s=run.training.dist_timeout_s, device=stages.device().type)
+    dist.init_process_group_if_needed(timeout_s=run.training.dist_timeout_s, device=dist.device().type)
     dist.start_watchdog()
     info = dist.dist_info()
     if dataset is not None and not isinstance(dataset, str):
@@ -78,7 +77,7 @@ def train(cfg: RunConfig, model=None, dataset: str | Iterable[dict] | None = Non
 
     timer = StepTimer(tokens_per_step=per_step * run.data.seq_length * info.world_size)
     losses: list[float] = []
-    metrics_cb = tracking.make_callback(timer, run.training.report_to, run.data.seq_length, summary.accuracy_before)
+    metrics_cb = TrackerMetrics(timer, run.training.report_to, run.data.seq_length, summary.accuracy_before)
     theirs = [c for c in callbacks if not isinstance(c, RunHooks) or isinstance(c, TrainerCallback)]
     trainer = build_trainer(model, args, train_ds, eval_ds, run.data.position_ids,
                             [ThroughputCallback(timer, losses), metrics_cb, *theirs],

@@ -8,17 +8,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sft import dist
 from sft.config import RunConfig
 from sft.data.inputs import RunData, open_data
 from sft.errors import DataError, SftError
 from sft.metrics import StepTimer, checkpointing_fraction, flops_per_token
-
-
-def device() -> torch.device:
-    return torch.device("cuda", dist.dist_info().local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def open_checked(cfg: RunConfig, rank: int, world: int, check_model: bool = True) -> RunData:
@@ -86,7 +80,7 @@ def arguments(cfg: RunConfig, out: Path, max_steps: int, steps_per_epoch: int, h
     eval_strategy, eval_steps = interval(cfg.training.eval_strategy if has_eval else "no", cfg.training.eval_steps)
     save_strategy, save_steps = interval(cfg.training.save_strategy, cfg.training.save_steps)
     args = training_arguments(cfg, out / "checkpoints", max_steps, eval_strategy, eval_steps, save_strategy,
-                              save_steps, device(), extra)
+                              save_steps, dist.device(), extra)
     args.run_name = tracking.run_name(out)  # trackers log to output_dir/logs/<run> (sft/trainer/tracking.py)
     env = contextlib.ExitStack()
     env.enter_context(tracking.environment(out, args.run_name, cfg.training.report_to))

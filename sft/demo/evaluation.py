@@ -30,7 +30,7 @@ class ExactMatch(RunHooks):
             print(f"{sharded}: the model is sharded across ranks, so held-out accuracy is measured once, on the "
                   "merged model after training")
             return
-        model.to(torch.device("cuda", dist.dist_info().local_rank) if torch.cuda.is_available() else "cpu")
+        model.to(dist.device())
         summary.accuracy_before = self.accuracy(model, tokenizer, "accuracy before")
         print(f"held-out accuracy before training: {100 * summary.accuracy_before:.1f}% ({len(self.rows)} rows)")
 

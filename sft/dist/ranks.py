@@ -67,6 +67,11 @@ def dist_info() -> DistInfo:
     )
 
 
+def device() -> torch.device:
+    """This rank's compute device: its local GPU where CUDA exists, else the CPU."""
+    return torch.device("cuda", dist_info().local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def is_main_process() -> bool:
     return dist_info().rank == 0
 

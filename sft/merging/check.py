@@ -51,7 +51,6 @@ def load_adapter_model(adapter_dir: str | Path, dtype: torch.dtype = torch.float
 
     A 4-bit base is dequantized (its own NF4 weights, dense, in ``dtype``) unless ``keep_4bit``: then it stays a
     bitsandbytes model computing in its compute dtype, as in training."""
-    from peft import PeftModel
 
     from sft.models import load_base_model, resolve_source
 

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from sft.errors import MergeError
+from sft.io import atomic_write_json
 
 BASE_META = "sft_base.json"
 
 
 def write_base_meta(adapter_dir: str | Path, model_cfg, quant_cfg, seed: int) -> None:
     meta = {"model": asdict(model_cfg), "quantization": asdict(quant_cfg), "seed": seed}
-    Path(adapter_dir, BASE_META).write_text(json.dumps(meta, indent=2))
+    atomic_write_json(Path(adapter_dir, BASE_META), meta, indent=2)
 
 
 def _from_dict(cls, d: dict[str, Any]):
