@@ -26,19 +26,20 @@ log = logging.getLogger(__name__)
 
 
 def resolve_attention(name: str, model_type: str | None = None) -> str:
-    """``auto`` -> sdpa for model types whose SDPA mask already isolates packed documents (Llama family:
-    transformers builds a block-diagonal mask from the position ids); sft_varlen (per-document SDPA, CPU and CUDA)
-    for the others (OPT), whose own mask lets packed documents attend to each other. Registers sft_varlen when it
-    is used.
+    """``auto`` -> sft_varlen (per-document SDPA, :mod:`sft.ops.attention`) on CPU for every model type, and on CUDA
+    for the model types whose own mask lets packed documents attend to each other (OPT); sdpa on CUDA for the Llama
+    family, whose SDPA mask transformers builds block-diagonal from the position ids (one fused kernel there).
+    Registers sft_varlen when it is used.
 
-    Measured (`sft bench --matrix cpu`, 8 x 512, fp32, this 2-core machine): on OPT-125m sft_varlen isolates
-    documents at no cost in speed; on SmolLM2-135M it halved the attention kernels' time in a profile (1.34 s
-    -> 0.75 s per 2 x 512 step) but the end-to-end step was within noise (1.02x vs 1.05x) and peak RSS rose
-    (per-document tensors), so the Llama family keeps sdpa by default."""
+    Measured on CPU (fwd + bwd of one layer's attention, 8 x 512 tokens of 40-260-token documents, bf16, 2-core
+    EPYC with AVX512-BF16): SmolLM2-135M's shapes (9 query / 3 kv heads) 164 ms
+    with the block-diagonal mask, 100 ms per document (fp32 kernel, see :func:`sft.ops.attention.upcast_on_cpu`);
+    OPT-125m's 178 ms (bf16 per document) -> 115 ms; ``python -m benchmarks.attention``. (An earlier fp32
+    measurement had kept sdpa for Llama: the attention halved but peak RSS rose, from the per-document slices'
+    backward, which now splits instead.)"""
     if name == "auto":
-        # every device: a model whose own mask lets packed documents see each other (OPT) needs per-document
-        # attention, on CUDA too (its sdpa ignores position ids exactly as on CPU)
-        name = "sft_varlen" if model_type is not None and not supports("mask_isolates_packed", model_type) else "sdpa"
+        isolates = model_type is not None and supports("mask_isolates_packed", model_type)
+        name = "sdpa" if isolates and torch.cuda.is_available() else "sft_varlen"
     if name == "sft_varlen":
         from sft.ops.attention import register
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from sft.errors import ConfigError
+from sft.ops.capabilities import cpu_flags
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -32,15 +33,7 @@ def apply_dtype_policy(model: torch.nn.Module, policy: str) -> None:
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16: where bf16 matmuls beat fp32 on CPU. Without them (e.g. AVX2-only cores) oneDNN
     emulates bf16 and autocast is 3-4x SLOWER than fp32 (measured on a 2-core EPYC: see benchmarks/demo_tuning.py)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        pass
-    return False
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def resolve_dtype_policy(policy: str) -> str:

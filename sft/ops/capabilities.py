@@ -1,10 +1,13 @@
-"""Which model types each of sft's model-level ops supports: the one place these allow-lists live.
+"""Which model types each of sft's model-level ops supports: the one place these allow-lists live; and what this
+CPU supports (:func:`cpu_flags`).
 
 Each set names transformers ``model_type`` values checked by hand against the modelling code of transformers 5.x;
 a model type missing from a set keeps transformers' own behaviour for that op (never an error).
 """
 
 from __future__ import annotations
+
+import functools
 
 # The causal-LM head is exactly ``lm_head(last_hidden_state)`` (no logit scaling or soft-capping) and the module at
 # ``base_model_prefix`` returns that hidden state: the chunked loss (sft/ops/loss.py) can replace the model's own.
@@ -25,3 +28,16 @@ def supports(op: str, model_type: str | None) -> bool:
     """Whether ``model_type`` is in the allow-list ``op`` (one of the names above)."""
     table = {"plain_lm_head": PLAIN_LM_HEAD, "mask_isolates_packed": MASK_ISOLATES_PACKED, "gated_mlp": GATED_MLP}
     return model_type in table[op]
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (``amx_bf16``, ``avx512_bf16``, ...); empty where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
