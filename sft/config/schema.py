@@ -44,9 +44,10 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sft_varlen", "sdpa", "eager", "flash_attention_2"] = _f(
         "auto",
         "Attention kernel. sft_varlen: SDPA per packed document (causal, no mask; documents isolated, masked "
-        "work skipped; sft/ops/attention.py), falling back to sdpa outside training. auto: sft_varlen on CPU for models whose own mask "
-        "lets packed documents see each other (OPT), sdpa otherwise (Llama family: transformers' block-diagonal "
-        "mask isolates them) and on GPU (flash_attention_2 is the GPU varlen kernel where installed).",
+        "work skipped; sft/ops/attention.py), falling back to sdpa outside training. auto: sft_varlen on CPU for "
+        "every model, and on GPU for models whose own mask lets packed documents see each other (OPT); sdpa on GPU "
+        "for the Llama family (transformers' block-diagonal mask isolates them; flash_attention_2 is the GPU "
+        "varlen kernel where installed).",
     )
     gradient_checkpointing: Union[bool, Literal["auto"]] = _f(
         "auto",
