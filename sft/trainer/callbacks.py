@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 from sft import dist, faults
 from sft.metrics import (StepTimer, checkpointing_fraction, cuda_memory, flops_per_token, peak_rss_bytes,
                          utilization)
+from sft.trainer.tracking import active
 
 
 class ThroughputCallback(TrainerCallback):
@@ -67,10 +68,6 @@ class TrackerMetrics(TrainerCallback):
         self.logged_times = 0  # timer.times already reported
         self.mlflow_run = None
 
-    @property
-    def trackers(self) -> list[str]:
-        return [t for t in self.report_to if t != "none"]
-
     def bind(self, trainer) -> None:
         self.trainer = trainer
         if "mlflow" in self.report_to and trainer.is_world_process_zero():
@@ -81,7 +78,7 @@ class TrackerMetrics(TrainerCallback):
             self.mlflow_run = mlflow.start_run(run_name=trainer.args.run_name)
 
     def on_train_begin(self, args, state, control, model=None, **kw):
-        if self.trackers:  # MFU needs this machine's measured peak (about a second)
+        if active(self.report_to):  # MFU needs this machine's measured peak (about a second)
             from sft.metrics import measure_gemm_peak
 
             dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -164,7 +161,7 @@ class TrackerMetrics(TrainerCallback):
         from transformers.integrations import integration_utils
 
         args, state, control, main, integrations = self.after
-        if not (main and self.trackers):
+        if not (main and active(self.report_to)):
             return
         logs = {k: float(v) for k, v in metrics.items() if v is not None}
         for cb in integrations:
