@@ -198,7 +198,8 @@ def test_desync_stops_every_rank_with_phases(tmp_path):
 def test_uneven_label_counts_give_the_same_loss_and_adapter_on_one_and_two_ranks(datasets):
     """Answer-only loss (most labels masked) with label counts that differ between ranks and between the two
     micro-batches of each accumulation step: 1 rank and 2 ranks at the same global batch give the same per-step
-    losses and the same adapter (fp32, <= 1e-5 relative). Per-rank or per-micro-batch averaging would not."""
+    losses (fp32, <= 1e-5 relative) and the same adapter (lora_B update <= 1e-4 relative). Per-rank or
+    per-micro-batch averaging would not."""
     from sft.config import ModelConfig
     from sft.data.formatting import tokenize_example
     from sft.models import load_tokenizer
@@ -226,12 +227,17 @@ def test_uneven_label_counts_give_the_same_loss_and_adapter_on_one_and_two_ranks
 
     w1 = load_file(str(work / "ao-out1" / "adapter" / "adapter_model.safetensors"))
     w2 = load_file(str(work / "ao-out2" / "adapter" / "adapter_model.safetensors"))
-    # Adam divides by sqrt(v), so fp32 summation-order differences in near-zero gradient entries reach the weights.
-    # Worst entry after 3 steps: ~1.2e-5 of the weight scale (~8e-7) on the machine that set the old bound, 4.1e-6 on
-    # a CI machine (which failed the old bound of 5e-5 x the tensor's largest weight = 3.5e-6). Bound it by the
-    # optimizer's step instead: each Adam step moves an entry by up to ~lr, and a per-rank or per-micro-batch mean
-    # changes a step by a sizeable fraction of that; 2.5e-3 x lr (lr 1e-2) leaves 6x headroom over the worst noise
-    # seen. The per-step losses above are the strict check (a per-rank mean moves them far past 1e-5 relative).
+    # Compare whole tensors, not their worst entry: Adam divides by sqrt(v), so fp32 summation-order noise in a
+    # near-zero gradient entry can move that one entry by a sizeable fraction of lr (worst entry 1.4e-6 on the AMX
+    # Xeon dev VM, 4.1e-6 and 2.9e-5 on two CI machines), while the tensor as a whole stays put. lora_B starts at
+    # zero, so B *is* the update. Measured on the AMX Xeon dev VM, this test's two trainings: ||B1 - B2|| / ||B1||
+    # = 4.2e-7 and rms(w1 - w2) = 7.5e-9 as shipped; with a per-rank token mean (average_tokens_across_devices=False)
+    # 0.21 and 3.0e-3. The bounds sit ~240x above the noise and ~2000x below the bug.
     lr = float(next(a.split("=", 1)[1] for a in TRAIN if a.startswith("training.learning_rate=")))
-    for k in w1:
-        assert (w1[k] - w2[k]).abs().max() <= 2.5e-3 * lr, k
+    b_keys = [k for k in w1 if "lora_B" in k]
+    assert b_keys and len(b_keys) < len(w1)
+    d_b = sum(((w1[k] - w2[k]) ** 2).sum() for k in b_keys).sqrt()
+    n_b = sum((w1[k] ** 2).sum() for k in b_keys).sqrt()
+    assert n_b > 0 and d_b <= 1e-4 * n_b, f"lora_B update differs by {d_b / n_b:.2e} relative"
+    rms = (sum(((w1[k] - w2[k]) ** 2).sum() for k in w1) / sum(w1[k].numel() for k in w1)).sqrt()
+    assert rms <= 1e-3 * lr, f"rms adapter difference {rms:.2e} (lr {lr})"
