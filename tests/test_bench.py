@@ -73,7 +73,7 @@ def test_allreduce_fit_recovers_bandwidth_and_latency():
 # --------------------------------------------------------------------------------------------- matrices
 
 
-@pytest.mark.parametrize("name", ["cpu", "gpu", "smoke"])
+@pytest.mark.parametrize("name", ["cpu", "gpu", "smoke", "memory-calibration", "compile"])
 def test_shipped_matrices_load(name):
     m = load_matrix(name)
     assert m.cells and m.steps >= 1 and m.warmup >= 1
