@@ -27,13 +27,14 @@ class _Attention(torch.nn.Module):
     is_causal = True
 
 
-def packed_positions(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+def packed_positions(batch: int, length: int, seed: int = 0, shortest: int = 40, longest: int = 260) -> torch.Tensor:
+    """Per-document position ids of ``batch`` packed rows: documents of ``shortest``..``longest - 1`` tokens."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(batch):
         pos: list[int] = []
         while len(pos) < length:
-            pos += range(int(torch.randint(40, 260, (1,), generator=g)))
+            pos += range(int(torch.randint(shortest, longest, (1,), generator=g)))
         rows.append(pos[:length])
     return torch.tensor(rows)
 
