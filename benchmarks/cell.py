@@ -110,6 +110,7 @@ class Recorder:
     # -- output
     def result(self) -> dict:
         from sft import dist
+        from sft.allocator import loaded as allocator_loaded
         from sft.metrics import cuda_memory, peak_rss_bytes
 
         def total(xs) -> int:
@@ -140,6 +141,7 @@ class Recorder:
             "flops": self.flops,
             "params": self.params,
             "checkpointing": getattr(self, "checkpointing", None),
+            "allocator": allocator_loaded(),
         }
 
 

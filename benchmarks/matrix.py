@@ -74,6 +74,7 @@ class Variant:
     runner: str = "framework"
     overrides: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of the variant's cells
 
 
 BUILTIN_VARIANTS: dict[str, Variant] = {
@@ -93,6 +94,9 @@ BUILTIN_VARIANTS: dict[str, Variant] = {
                         "framework recomputing every layer's activations"),
     "no-ckpt": Variant("framework", {"model.gradient_checkpointing": False},
                        "framework keeping every layer's activations (more memory)"),
+    "system-malloc": Variant("framework", {"training.allocator": "system"},
+                             "framework on glibc malloc (no jemalloc / tcmalloc preloaded)"),
+    "tcmalloc": Variant("framework", {"training.allocator": "tcmalloc"}, "framework on tcmalloc"),
 }
 
 
@@ -112,6 +116,7 @@ class CellSpec:
     grad_accum: int = 1
     runner: str = "framework"
     overrides: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # the variant's extra environment (e.g. MALLOC_CONF)
 
     @property
     def model_name(self) -> str:
@@ -290,12 +295,17 @@ def load_matrix(name_or_path: str, steps: int | None = None, warmup: int | None 
     variants = dict(BUILTIN_VARIANTS)
     for vname, vdef in (raw.get("variants") or {}).items():
         vdef = vdef or {}
-        if not isinstance(vdef, dict) or set(vdef) - {"runner", "overrides", "description"}:
-            raise ConfigError(f"{path}: variant {vname}: expected {{runner, overrides, description}}, got {vdef!r}")
+        if not isinstance(vdef, dict) or set(vdef) - {"runner", "overrides", "description", "env"}:
+            raise ConfigError(f"{path}: variant {vname}: expected {{runner, overrides, description, env}}, "
+                              f"got {vdef!r}")
+        env = vdef.get("env") or {}
+        if not isinstance(env, dict):
+            raise ConfigError(f"{path}: variant {vname}: env must be a mapping of NAME: value, got {env!r}")
         runner = vdef.get("runner", "framework")
         if runner not in ("baseline", "framework"):
             raise ConfigError(f"{path}: variant {vname}: runner must be baseline or framework, got {runner!r}")
-        variants[vname] = Variant(runner, dict(vdef.get("overrides") or {}), vdef.get("description", ""))
+        variants[vname] = Variant(runner, dict(vdef.get("overrides") or {}), vdef.get("description", ""),
+                                  {str(k): str(v) for k, v in env.items()})
 
     defaults = dict(AXIS_DEFAULTS)
     for k in axis_overrides or {}:
@@ -328,9 +338,12 @@ def load_matrix(name_or_path: str, steps: int | None = None, warmup: int | None 
                 raise _unknown(vname, list(variants), f"{where}: variant")
             var = variants[vname]
             overrides = {**extra_overrides, **var.overrides} if var.runner == "framework" else {}
-            spec = CellSpec(**values, runner=var.runner, overrides=overrides)
+            spec = CellSpec(**values, runner=var.runner, overrides=overrides, env=dict(var.env))
             if spec.runner == "framework":
                 run_config_for(spec)  # validates the overrides against sft.config (raises ConfigError)
+                from sft.allocator import resolve
+
+                resolve(str(spec.overrides.get("training.allocator", "auto")))  # a missing library fails here
             if spec.label() in seen:
                 continue
             seen.add(spec.label())

@@ -64,6 +64,7 @@ def aggregate(results: list[dict], warmup: int, steps: int, peak: dict | None) -
         "loss_first": losses[0] if losses else float("nan"),
         "loss_last": losses[-1] if losses else float("nan"),
         "backend": r0.get("backend"),
+        "allocator": r0.get("allocator"),  # what the cell's process ran on (sft.allocator.loaded)
     }
     if "cuda_max_allocated_bytes" in r0:
         m["cuda_max_allocated_bytes"] = max(r["cuda_max_allocated_bytes"] for r in results)

@@ -48,9 +48,10 @@ def row_cells(rec: dict) -> list[str]:
     steps = m.get("step_times_s") or []
     best = m.get("tokens_per_step") / min(steps) if steps and m.get("tokens_per_step") else None
     load = rec.get("load_avg_before"), rec.get("load_avg_after")
+    alloc = m.get("allocator")
     return [
         rec["config"],
-        rec["variant"],
+        rec["variant"] + (f" ({alloc})" if alloc and alloc != "system" else ""),
         _f(m.get("tokens_per_s"), ",.0f"),
         _ratio(rec, "tokens_per_s"),
         _f(best, ",.0f"),

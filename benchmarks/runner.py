@@ -84,6 +84,17 @@ def core_groups(ranks: int, threads: int | None) -> tuple[list[list[int]], int]:
     return [cpus[i * per:(i + 1) * per] for i in range(ranks)], per
 
 
+def cell_allocator_env(cell: CellSpec, env: dict[str, str]) -> dict[str, str]:
+    """What a cell's process needs to start on its allocator: a framework cell's ``training.allocator`` (sft's
+    default ``auto`` unless the variant overrides it), as ``sft train`` would preload it; the baseline (the seed
+    recipe) runs on the system allocator, as the seed did."""
+    if cell.runner != "framework":
+        return {}
+    from sft.allocator import preload_env
+
+    return preload_env(str(cell.overrides.get("training.allocator", "auto")), env)
+
+
 def launch_command(cell: CellSpec, spec_path: Path, opts: RunOptions) -> tuple[list[str], dict[str, str]]:
     from launch.topology import format_cpu_list
 
@@ -93,6 +104,8 @@ def launch_command(cell: CellSpec, spec_path: Path, opts: RunOptions) -> tuple[l
                  ("DEEPLAKE_TELEMETRY", "0"), ("HF_HUB_DISABLE_TELEMETRY", "1"), ("DO_NOT_TRACK", "1"),
                  ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
         env.setdefault(k, v)
+    env.update(cell_allocator_env(cell, env))
+    env.update(cell.env)
     env.update(opts.env)
     target = ["-m", "benchmarks.cell", str(spec_path)]
     accelerate = str(Path(py).parent / "accelerate")
@@ -293,7 +306,7 @@ def run_cells(cells: list[CellSpec], dataset: str, opts: RunOptions, run_meta: d
                 "config": rec.cell.config_label(), "variant": rec.cell.variant, "cell": rec.cell.to_dict(),
                 "status": rec.status, "error": rec.error, "wall_s": rec.wall_s, "metrics": rec.metrics,
                 "baseline": rec.baseline, "ratios": rec.ratios, "steps": opts.steps, "warmup": opts.warmup,
-                "dataset": dataset, **extra, "cell_env": opts.env, "repeat": entry.repeat,
+                "dataset": dataset, **extra, "cell_env": {**rec.cell.env, **opts.env}, "repeat": entry.repeat,
                 "position": entry.position, "order": entry.order, **row_facts(run_meta, rec.metrics, rec.cell),
             })
             index += 1

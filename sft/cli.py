@@ -64,7 +64,7 @@ def print_summary(s) -> None:
     t.add_row("model TFLOP/s", f"{s.model_tflops_per_s:.3f}")
     t.add_row("train time", f"{s.train_seconds:.1f} s (first step {s.first_step_s:.1f} s)")
     t.add_row("loss", f"{s.loss_first:.4f} -> {s.loss_last:.4f}" + (f" (eval {s.eval_loss:.4f})" if s.eval_loss else ""))
-    t.add_row("peak RSS", f"{s.peak_rss_gb:.2f} GiB (rank 0)")
+    t.add_row("peak RSS", f"{s.peak_rss_gb:.2f} GiB (rank 0, {s.allocator} malloc)")
     t.add_row("trainable params", f"{s.trainable_params:,} of {s.total_params:,} ({s.trainable_percent:.3f}%)")
     if s.accuracy_before is not None or s.accuracy_after is not None:
         gain = ""
@@ -96,6 +96,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(describe_fields())
         return 0
     cfg = load_config(args.config, args.overrides)
+    if args.process_entry:  # the whole process is ours: start it again on the configured allocator (sft.allocator)
+        from sft.allocator import reexec_with
+
+        reexec_with(cfg.training.allocator)
     _offline_unless_hub(cfg.model.name, cfg.model.tokenizer)
     if "wandb" not in cfg.training.report_to:
         os.environ.setdefault("WANDB_MODE", "disabled")  # off unless the config asks for it
@@ -276,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_environment()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.process_entry = argv is None  # run as a program (sft ..., python -m sft.cli), not called from Python
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from sft.errors import SftError

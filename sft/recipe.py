@@ -23,6 +23,7 @@ from sft import dist, outputs, stages
 from sft.config import RunConfig
 from sft.data.inputs import rows_dataset
 from sft.hooks import RunHooks
+from sft.allocator import check_in_process
 from sft.metrics import StepTimer, peak_rss_bytes
 from sft.models import count_parameters, load_tokenizer, prepare_weights
 from sft.summary import RunSummary
@@ -54,6 +55,7 @@ def train(cfg: RunConfig, model=None, dataset: str | Iterable[dict] | None = Non
         run = rows_dataset(run, dataset)
     out = Path(run.training.output_dir)
     summary = RunSummary(world_size=info.world_size, backend=info.backend or "none")
+    summary.allocator = check_in_process(run.training.allocator)
     data = stages.open_checked(run, info.rank, info.world_size, check_model=model is None)
     # which checkpoint to resume from, checked against this run's settings before the model is loaded
     meta = resume_meta(run, info.world_size, data.train.total_rows)

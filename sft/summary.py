@@ -18,6 +18,7 @@ class RunSummary:
     first_step_s: float = float("nan")
     step_time_median_s: float = float("nan")  # optimizer steps, excluding the first (warm-up) and eval/save steps
     peak_rss_gb: float = 0.0
+    allocator: str = "system"  # the host allocator this process ran on (training.allocator): jemalloc, tcmalloc, system
     trainable_params: int = 0
     total_params: int = 0
     world_size: int = 1

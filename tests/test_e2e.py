@@ -60,6 +60,10 @@ def test_ingest_then_train_loss_drops(trained_run):
     assert summary["loss_last"] < 0.7 * summary["loss_first"], summary
     assert summary["tokens_per_s"] > 0
     assert "summary" in proc.stdout and "trainable params" in proc.stdout
+    from sft.allocator import resolve
+
+    # `sft train` re-executed itself on training.allocator=auto's choice before importing torch
+    assert summary["allocator"] == resolve("auto")[0], summary
 
 
 def test_adapter_saved_in_peft_format(trained_run):

@@ -1,0 +1,175 @@
+"""The host memory allocator (``training.allocator``): jemalloc or tcmalloc preloaded in place of glibc malloc.
+
+PyTorch on CPU frees and re-allocates tensors of the same few sizes every step. glibc malloc keeps freed large
+blocks in per-thread arenas and returns them to the OS late, so a run's peak RSS grows over its first steps by
+more than its live tensors (on the 2-core AMX Xeon, ~0.8 GiB on SmolLM2-135M 8 x 512 beyond what
+``gradient_checkpointing: auto`` plans for), and the page faults of re-used memory slow every step. A preloaded
+jemalloc or tcmalloc replaces malloc for the whole
+process, which must happen before the process starts: ``LD_PRELOAD`` is read by the dynamic loader only. So
+
+- ``sft train`` re-executes itself once, in place, with ``LD_PRELOAD`` set (:func:`reexec_with`), before it
+  imports torch. Under ``sft launch`` / ``accelerate launch`` / mpirun every rank is an ``sft train`` process and
+  does the same (exec keeps the PID and the CPU pinning); ``sft bench`` starts its cells with
+  :func:`preload_env`;
+- the Python API (``sft.recipe.train``) cannot change the allocator of a running process: it reports which one
+  is loaded (:func:`loaded`) and warns when the config names one that is not (:func:`check_in_process`).
+
+This module imports nothing heavy: it runs before torch is imported.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+from sft.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CHOICES = ("auto", "jemalloc", "tcmalloc", "system")
+
+# Shared-object names, most specific first (Debian / Ubuntu: libjemalloc2, libtcmalloc-minimal4; conda: jemalloc,
+# gperftools).
+_SONAMES = {
+    "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
+    "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so"),
+}
+_PACKAGES = {"jemalloc": "apt-get install libjemalloc2 (or conda install jemalloc)",
+             "tcmalloc": "apt-get install libtcmalloc-minimal4 (or conda install gperftools)"}
+_SEARCH_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+                "/usr/local/lib", "/lib/x86_64-linux-gnu", "/lib64")
+
+# Set by reexec_with in the environment of the process it starts: that process never re-executes again (even if
+# the preload was refused by the loader), and neither do its children that inherit the variables.
+GUARD_ENV = "SFT_ALLOCATOR_PRELOADED"
+
+# jemalloc's settings when sft preloads it and the user set no MALLOC_CONF of their own: see the comment on the
+# `auto` choice in resolve() for what was measured.
+# jemalloc's defaults purge freed pages back to the OS within seconds, and oversized (>= 8 MiB) blocks at once: a
+# CPU training step, which frees and re-allocates the same large tensors, then pays page faults every step
+# (jemalloc defaults: 264-278 tok/s against glibc's 364-368 on SmolLM2-135M; these settings: 393-400).
+JEMALLOC_CONF = ("oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,"
+                 "muzzy_decay_ms:-1")
+# Which allocator `auto` takes, first installed wins (see resolve()).
+AUTO_ORDER = ("tcmalloc", "jemalloc")
+
+
+def find_library(name: str) -> str | None:
+    """The path of allocator ``name``'s shared object on this machine, or None."""
+    dirs = [os.path.join(sys.prefix, "lib"), *(_SEARCH_DIRS)]
+    for so in _SONAMES[name]:
+        for d in dirs:
+            p = os.path.join(d, so)
+            if os.path.isfile(p):
+                return p
+    found = ctypes.util.find_library(name)  # ldconfig's cache: a bare soname, which the loader resolves itself
+    return found or None
+
+
+def loaded(maps: str = "/proc/self/maps") -> str:
+    """The allocator this process runs on: ``jemalloc``, ``tcmalloc`` or ``system`` (glibc malloc)."""
+    try:
+        text = Path(maps).read_text()
+    except OSError:
+        return "system"
+    for name in ("jemalloc", "tcmalloc"):
+        if f"lib{name}" in text:
+            return name
+    return "system"
+
+
+def _preloaded_by_user(env: dict[str, str]) -> str | None:
+    pre = env.get("LD_PRELOAD", "")
+    for name in ("jemalloc", "tcmalloc"):
+        if f"lib{name}" in pre:
+            return name
+    return None
+
+
+def _has_cuda_driver() -> bool:
+    return os.path.exists("/dev/nvidiactl")
+
+
+def resolve(choice: str) -> tuple[str, str | None]:
+    """``training.allocator`` -> (allocator name, path of its library or None for the system allocator).
+
+    ``auto``: on CPU hosts (no NVIDIA driver: a GPU run's host allocations are few, and the CUDA caching
+    allocator does not go through malloc), tcmalloc where it is installed, else jemalloc (with
+    :data:`JEMALLOC_CONF`), else the system allocator. Measured on the 2-core AMX Xeon VM, SmolLM2-135M 8 x 512,
+    bf16-mixed, 2 interleaved repeats (`sft bench --matrix benchmarks/matrices/allocators.yaml --repeat 2`):
+    tcmalloc 451-455 tok/s at 3.43 GiB peak RSS, jemalloc (JEMALLOC_CONF) 393-400 at 3.47-3.50, glibc
+    364-368 at 4.20-4.21, jemalloc defaults 264-278 at 3.41.
+    A named allocator that is not installed is a ConfigError naming the package to install."""
+    if choice not in CHOICES:
+        raise ConfigError(f"training.allocator: {choice!r} is not one of {', '.join(CHOICES)}")
+    if choice == "system":
+        return "system", None
+    if choice == "auto":
+        if _has_cuda_driver():
+            return "system", None
+        for name in AUTO_ORDER:
+            path = find_library(name)
+            if path:
+                return name, path
+        return "system", None
+    path = find_library(choice)
+    if path is None:
+        raise ConfigError(f"training.allocator={choice}: lib{choice} is not installed on this machine; "
+                          f"install it ({_PACKAGES[choice]}) or set training.allocator=auto|system")
+    return choice, path
+
+
+def preload_env(choice: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment variables that make a new process start on allocator ``choice`` (empty: nothing to set).
+
+    An allocator the user preloaded themselves (in ``env``'s LD_PRELOAD) wins: nothing is added on top of it."""
+    env = dict(os.environ if env is None else env)
+    if _preloaded_by_user(env):
+        return {}
+    name, path = resolve(choice)
+    if path is None:
+        return {}
+    out = {"LD_PRELOAD": ":".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)}
+    if name == "jemalloc" and "MALLOC_CONF" not in env and JEMALLOC_CONF:
+        out["MALLOC_CONF"] = JEMALLOC_CONF
+    if name == "tcmalloc" and "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD" not in env:
+        # tcmalloc prints a line (with a stack) for every allocation over 1 GiB: a model's weights, a merge
+        out["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] = str(1 << 40)
+    return out
+
+
+def reexec_with(choice: str) -> None:
+    """Re-execute this process in place on allocator ``choice`` if it is not already running on it.
+
+    Returns without doing anything when the allocator is already loaded, when this process was already
+    re-executed once (``SFT_ALLOCATOR_PRELOADED``), when nothing needs preloading, or when torch has already been
+    imported (its arenas would be lost with the process image; the caller then just runs on what it has)."""
+    if os.environ.get(GUARD_ENV):
+        return
+    name, _ = resolve(choice)
+    if name == loaded():
+        return
+    add = preload_env(choice)
+    if not add:
+        return
+    if "torch" in sys.modules:
+        log.warning("training.allocator=%s: torch is already imported, so this process keeps %s", choice, loaded())
+        return
+    env = {**os.environ, **add, GUARD_ENV: name}
+    argv = [sys.executable, *getattr(sys, "orig_argv", sys.argv)[1:]]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)
+
+
+def check_in_process(choice: str) -> str:
+    """For the Python API: the allocator this process runs on; warns when ``choice`` names another one."""
+    have = loaded()
+    if choice in ("jemalloc", "tcmalloc") and have != choice:
+        log.warning("training.allocator=%s, but this process runs on %s: the allocator is chosen when a process "
+                    "starts (LD_PRELOAD=%s python ...; `sft train` does it itself)", choice, have,
+                    find_library(choice) or f"lib{choice}.so")
+    return have

@@ -1,0 +1,102 @@
+"""training.allocator: which allocator a process starts on, and that `sft train`'s re-exec really preloads it."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from sft import allocator
+from sft.errors import ConfigError
+
+HAVE = {name: allocator.find_library(name) is not None for name in ("jemalloc", "tcmalloc")}
+
+
+def test_unknown_or_missing_allocator_is_a_config_error(monkeypatch):
+    with pytest.raises(ConfigError, match="not one of"):
+        allocator.resolve("mimalloc")
+    monkeypatch.setattr(allocator, "find_library", lambda name: None)
+    with pytest.raises(ConfigError, match="libjemalloc2"):
+        allocator.resolve("jemalloc")
+    assert allocator.resolve("auto") == ("system", None)  # auto falls back instead of failing
+    assert allocator.resolve("system") == ("system", None)
+    assert allocator.preload_env("auto", {}) == {}
+
+
+@pytest.mark.skipif(not HAVE["jemalloc"], reason="libjemalloc2 is not installed (apt-get install libjemalloc2)")
+def test_preload_env_prepends_and_respects_the_users_own_allocator():
+    path = allocator.find_library("jemalloc")
+    env = allocator.preload_env("jemalloc", {"LD_PRELOAD": "/opt/libfoo.so"})
+    assert env["LD_PRELOAD"] == f"{path}:/opt/libfoo.so"
+    assert env["MALLOC_CONF"] == allocator.JEMALLOC_CONF
+    assert "MALLOC_CONF" not in allocator.preload_env("jemalloc", {"MALLOC_CONF": "narenas:2"})
+    # the user preloaded an allocator themselves: sft adds nothing, whatever the config says
+    assert allocator.preload_env("jemalloc", {"LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}) == {}
+
+
+SCRIPT = textwrap.dedent("""
+    import os, sys
+    from sft import allocator
+    if len(sys.argv) > 2:
+        import torch  # noqa: F401  (too late to change the allocator: reexec_with must not exec)
+    allocator.reexec_with(sys.argv[1])
+    print(allocator.loaded(), os.environ.get(allocator.GUARD_ENV, "-"), os.getpid())
+""")
+
+
+def _run(tmp_path, *args: str, env: dict | None = None) -> list[str]:
+    script = tmp_path / "probe.py"
+    script.write_text(SCRIPT)
+    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", allocator.GUARD_ENV, "MALLOC_CONF")}
+    proc = subprocess.run([sys.executable, str(script), *args], env={**base, **(env or {})}, capture_output=True,
+                          text=True, timeout=120, cwd=os.getcwd())
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+@pytest.mark.parametrize("name", ["jemalloc", "tcmalloc"])
+def test_reexec_really_runs_the_process_on_the_allocator(tmp_path, name):
+    if not HAVE[name]:
+        pytest.skip(f"lib{name} is not installed")
+    have, guard, _ = _run(tmp_path, name)
+    assert (have, guard) == (name, name)  # /proc/self/maps of the re-executed process maps the library
+
+
+def test_reexec_to_system_and_after_torch_changes_nothing(tmp_path):
+    assert _run(tmp_path, "system")[:2] == ["system", "-"]
+    if HAVE["jemalloc"]:
+        assert _run(tmp_path, "jemalloc", "torch-first")[:2] == ["system", "-"]
+        # the guard stops a second exec even where the preload did not take (a loop would never end)
+        assert _run(tmp_path, "jemalloc", env={allocator.GUARD_ENV: "jemalloc"})[:2] == ["system", "jemalloc"]
+
+
+def test_check_in_process_warns_when_the_allocator_cannot_be_changed(caplog):
+    have = allocator.loaded()
+    other = "tcmalloc" if have != "tcmalloc" else "jemalloc"
+    assert allocator.check_in_process(other) == have
+    assert "LD_PRELOAD" in caplog.text
+
+
+def test_bench_cells_start_on_their_variants_allocator(tmp_path):
+    """The framework cells of `sft bench` start on training.allocator (auto unless a variant overrides it); the
+    seed recipe's cells stay on the system allocator; a variant's env is part of the cell."""
+    from benchmarks.matrix import BUILTIN_VARIANTS, load_matrix
+    from benchmarks.runner import cell_allocator_env
+
+    path = tmp_path / "m.yaml"
+    path.write_text("""
+name: t
+variants:
+  je-conf: {overrides: {training.allocator: auto}, env: {MALLOC_CONF: "narenas:1"}}
+defaults: {model: tiny-llama, seq_length: 32, micro_batch: 1}
+cells:
+  - {variant: [baseline, framework, system-malloc, je-conf]}
+""")
+    m = load_matrix(str(path))
+    by = {c.variant: c for c in m.cells}
+    assert cell_allocator_env(by["baseline"], {}) == {}
+    assert cell_allocator_env(by["system-malloc"], {}) == {}
+    assert cell_allocator_env(by["framework"], {}) == allocator.preload_env("auto", {})
+    assert by["je-conf"].env == {"MALLOC_CONF": "narenas:1"}
+    assert "system-malloc" in BUILTIN_VARIANTS
