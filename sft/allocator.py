@@ -4,8 +4,8 @@ PyTorch on CPU frees and re-allocates tensors of the same few sizes every step. 
 blocks in per-thread arenas and returns them to the OS late, so a run's peak RSS grows over its first steps by
 more than its live tensors (on the 2-core AMX Xeon, ~0.8 GiB on SmolLM2-135M 8 x 512 beyond what
 ``gradient_checkpointing: auto`` plans for), and the page faults of re-used memory slow every step. A preloaded
-jemalloc or tcmalloc replaces malloc for the whole
-process, which must happen before the process starts: ``LD_PRELOAD`` is read by the dynamic loader only. So
+jemalloc or tcmalloc replaces malloc for the whole process, which must happen before the process starts:
+``LD_PRELOAD`` is read by the dynamic loader only. So
 
 - ``sft train`` re-executes itself once, in place, with ``LD_PRELOAD`` set (:func:`reexec_with`), before it
   imports torch. Under ``sft launch`` / ``accelerate launch`` / mpirun every rank is an ``sft train`` process and
@@ -46,9 +46,7 @@ _SEARCH_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr
 # the preload was refused by the loader), and neither do its children that inherit the variables.
 GUARD_ENV = "SFT_ALLOCATOR_PRELOADED"
 
-# jemalloc's settings when sft preloads it and the user set no MALLOC_CONF of their own: see the comment on the
-# `auto` choice in resolve() for what was measured.
-# jemalloc's defaults purge freed pages back to the OS within seconds, and oversized (>= 8 MiB) blocks at once: a
+# jemalloc's settings when sft preloads it and the user set no MALLOC_CONF of their own. jemalloc's defaults purge freed pages back to the OS within seconds, and oversized (>= 8 MiB) blocks at once: a
 # CPU training step, which frees and re-allocates the same large tensors, then pays page faults every step
 # (jemalloc defaults: 264-278 tok/s against glibc's 364-368 on SmolLM2-135M; these settings: 393-400).
 JEMALLOC_CONF = ("oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,"
@@ -69,24 +67,17 @@ def find_library(name: str) -> str | None:
     return found or None
 
 
+def _named_in(text: str) -> str:
+    """The allocator whose library a list of paths (a memory map, an LD_PRELOAD) names, else ``system``."""
+    return next((name for name in _SONAMES if f"lib{name}" in text), "system")
+
+
 def loaded(maps: str = "/proc/self/maps") -> str:
     """The allocator this process runs on: ``jemalloc``, ``tcmalloc`` or ``system`` (glibc malloc)."""
     try:
-        text = Path(maps).read_text()
+        return _named_in(Path(maps).read_text())
     except OSError:
         return "system"
-    for name in ("jemalloc", "tcmalloc"):
-        if f"lib{name}" in text:
-            return name
-    return "system"
-
-
-def _preloaded_by_user(env: dict[str, str]) -> str | None:
-    pre = env.get("LD_PRELOAD", "")
-    for name in ("jemalloc", "tcmalloc"):
-        if f"lib{name}" in pre:
-            return name
-    return None
 
 
 def _has_cuda_driver() -> bool:
@@ -127,13 +118,13 @@ def preload_env(choice: str, env: dict[str, str] | None = None) -> dict[str, str
 
     An allocator the user preloaded themselves (in ``env``'s LD_PRELOAD) wins: nothing is added on top of it."""
     env = dict(os.environ if env is None else env)
-    if _preloaded_by_user(env):
+    if _named_in(env.get("LD_PRELOAD", "")) != "system":
         return {}
     name, path = resolve(choice)
     if path is None:
         return {}
     out = {"LD_PRELOAD": ":".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)}
-    if name == "jemalloc" and "MALLOC_CONF" not in env and JEMALLOC_CONF:
+    if name == "jemalloc" and "MALLOC_CONF" not in env:
         out["MALLOC_CONF"] = JEMALLOC_CONF
     if name == "tcmalloc" and "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD" not in env:
         # tcmalloc prints a line (with a stack) for every allocation over 1 GiB: a model's weights, a merge
