@@ -97,6 +97,10 @@ BUILTIN_VARIANTS: dict[str, Variant] = {
     "system-malloc": Variant("framework", {"training.allocator": "system"},
                              "framework on glibc malloc (no jemalloc / tcmalloc preloaded)"),
     "tcmalloc": Variant("framework", {"training.allocator": "tcmalloc"}, "framework on tcmalloc"),
+    "nn-dropout": Variant("framework", {"lora.fast_dropout": False},
+                          "framework with PEFT's nn.Dropout on the LoRA input (one bernoulli draw per element)"),
+    "eager-norm": Variant("framework", {"model.fused_norm": False},
+                          "framework with transformers' RMSNorm (no compiled kernel; Llama family)"),
 }
 
 

@@ -150,6 +150,10 @@ def prepare_model(model, tokenizer, model_cfg: ModelConfig, lora_cfg: LoraSectio
         if not install_chunked_loss(model):
             log.info("model.chunked_loss: %s is not a supported model type; using its own loss",
                      getattr(model.config, "model_type", "?"))
+    if model_cfg.fused_norm and not zero3_init():
+        from sft.ops.norm import install_fused_norm
+
+        install_fused_norm(model)
     if lora_cfg is not None:
         torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same adapter init
         checkpointing, keep = model_cfg.gradient_checkpointing, 0
@@ -159,6 +163,10 @@ def prepare_model(model, tokenizer, model_cfg: ModelConfig, lora_cfg: LoraSectio
                 chunked_loss=getattr(model, "_sft_chunked_loss", False))
             checkpointing = keep < getattr(model.config, "num_hidden_layers", 0)
         model = add_lora(model, lora_cfg, checkpointing, quantized=quant.mode == "nf4")
+        if lora_cfg.fast_dropout:
+            from sft.ops.dropout import install_fast_dropout
+
+            install_fast_dropout(model)
         if checkpointing and keep:
             apply_checkpointing(model, keep)
         model.sft_checkpointing = checkpointing  # what `auto` resolved to (the config is not changed)
