@@ -153,14 +153,15 @@ def prepare_model(model, tokenizer, model_cfg: ModelConfig, lora_cfg: LoraSectio
     if model_cfg.fused_norm and not zero3_init():
         from sft.ops.norm import install_fused_norm
 
-        install_fused_norm(model)
+        model._sft_fused_norm = install_fused_norm(model) > 0
     if lora_cfg is not None:
         torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same adapter init
         checkpointing, keep = model_cfg.gradient_checkpointing, 0
         if checkpointing == "auto":
             keep = 0 if tokens_per_micro_batch is None else choose_checkpointing(
                 model.config, tokens_per_micro_batch, model_cfg.dtype, quant.mode,
-                chunked_loss=getattr(model, "_sft_chunked_loss", False))
+                chunked_loss=getattr(model, "_sft_chunked_loss", False),
+                fused_norm=getattr(model, "_sft_fused_norm", False) and model_cfg.dtype != "fp32")
             checkpointing = keep < getattr(model.config, "num_hidden_layers", 0)
         model = add_lora(model, lora_cfg, checkpointing, quantized=quant.mode == "nf4")
         if lora_cfg.fast_dropout:
