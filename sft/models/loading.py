@@ -161,7 +161,7 @@ def prepare_model(model, tokenizer, model_cfg: ModelConfig, lora_cfg: LoraSectio
             keep = 0 if tokens_per_micro_batch is None else choose_checkpointing(
                 model.config, tokens_per_micro_batch, model_cfg.dtype, quant.mode,
                 chunked_loss=getattr(model, "_sft_chunked_loss", False),
-                fused_norm=getattr(model, "_sft_fused_norm", False) and model_cfg.dtype != "fp32")
+                fused_norm=getattr(model, "_sft_fused_norm", False))
             checkpointing = keep < getattr(model.config, "num_hidden_layers", 0)
         model = add_lora(model, lora_cfg, checkpointing, quantized=quant.mode == "nf4")
         if lora_cfg.fast_dropout:
