@@ -4,7 +4,9 @@ Candidates, on one batch of packed blocks (documents of 40-260 tokens, as the be
 
 * ``mask``: one SDPA call with the block-diagonal causal mask (what transformers does for the Llama family);
 * ``varlen-bf16`` / ``varlen-fp32``: sft_varlen (one causal SDPA per document), in bf16, or in fp32 for bf16
-  inputs (``SFT_ATTENTION_FP32``; sft.ops.attention.upcast_on_cpu decides ``auto``).
+  inputs (``SFT_ATTENTION_FP32``; sft.ops.attention.upcast_on_cpu decides ``auto``);
+* ``varlen-bf16-math``: sft_varlen in bf16 with sft's GEMM backward (``model.fast_attention_backward``, the
+  default) in place of the flash kernel's.
 
 Each candidate runs once to warm up and then ``--repeats`` times, interleaved and in alternating order; the
 median and the spread are printed with the CPU's bf16 flags.
@@ -40,13 +42,15 @@ def packed_positions(batch: int, length: int, seed: int = 0, shortest: int = 40,
 
 
 def candidates(shape: str, batch: int, length: int, dtype: torch.dtype):
-    from sft.ops.attention import UPCAST_ENV, varlen_sdpa_forward
+    from sft.ops.attention import MATH_BACKWARD_ATTR, UPCAST_ENV, varlen_sdpa_forward
 
     heads, kv_heads, dim = SHAPES[shape]
     pos = packed_positions(batch, length)
     doc = torch.cumsum((pos == 0).int(), 1)
     mask = ((doc[:, :, None] == doc[:, None, :]) & torch.ones(length, length, dtype=torch.bool).tril())[:, None]
     module = _Attention().train()
+    math_module = _Attention().train()
+    setattr(math_module, MATH_BACKWARD_ATTR, True)
 
     def qkv():
         def one(h):
@@ -62,19 +66,21 @@ def candidates(shape: str, batch: int, length: int, dtype: torch.dtype):
         out.backward(torch.ones_like(out))
         return time.perf_counter() - t
 
-    def varlen(upcast: str):
+    def varlen(upcast: str, mod=module):
         def run() -> float:
             os.environ[UPCAST_ENV] = upcast
             q, k, v = qkv()
             t = time.perf_counter()
-            out, _ = varlen_sdpa_forward(module, q, k, v, None, position_ids=pos)
+            out, _ = varlen_sdpa_forward(mod, q, k, v, None, position_ids=pos)
             out.backward(torch.ones_like(out))
             return time.perf_counter() - t
         return run
 
-    runs = {"mask": masked, "varlen-bf16": varlen("0"), "varlen-fp32": varlen("1")}
+    runs = {"mask": masked, "varlen-bf16": varlen("0"), "varlen-fp32": varlen("1"),
+            "varlen-bf16-math": varlen("0", math_module)}
     if dtype != torch.bfloat16:
         runs.pop("varlen-fp32")
+        runs.pop("varlen-bf16-math")
         runs["varlen"] = runs.pop("varlen-bf16")
     return runs
 

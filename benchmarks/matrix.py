@@ -99,6 +99,8 @@ BUILTIN_VARIANTS: dict[str, Variant] = {
     "tcmalloc": Variant("framework", {"training.allocator": "tcmalloc"}, "framework on tcmalloc"),
     "nn-dropout": Variant("framework", {"lora.fast_dropout": False},
                           "framework with PEFT's nn.Dropout on the LoRA input (one bernoulli draw per element)"),
+    "flash-backward": Variant("framework", {"model.fast_attention_backward": False},
+                              "framework with PyTorch's CPU flash backward for the per-document attention"),
     "eager-norm": Variant("framework", {"model.fused_norm": False},
                           "framework with transformers' RMSNorm (no compiled kernel; Llama family)"),
 }

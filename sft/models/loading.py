@@ -154,6 +154,10 @@ def prepare_model(model, tokenizer, model_cfg: ModelConfig, lora_cfg: LoraSectio
         from sft.ops.norm import install_fused_norm
 
         model._sft_fused_norm = install_fused_norm(model) > 0
+    if model_cfg.fast_attention_backward:
+        from sft.ops.attention import use_math_backward
+
+        use_math_backward(model)
     if lora_cfg is not None:
         torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same adapter init
         checkpointing, keep = model_cfg.gradient_checkpointing, 0
