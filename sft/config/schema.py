@@ -78,8 +78,8 @@ class ModelConfig:
     )
     fast_attention_backward: bool = _f(
         True,
-        "With sft_varlen attention in bf16 on CPU, compute each document's attention backward as four bf16 GEMMs "
-        "around fp32 softmax arithmetic instead of PyTorch's CPU flash backward (~2x faster attention fwd + bwd on "
+        "With sft_varlen attention in bf16 on CPU, compute each document's attention backward as four GEMMs (S and dP "
+        "in fp32, dV/dQ/dK in bf16) around fp32 softmax arithmetic instead of PyTorch's CPU flash backward (~2x faster attention fwd + bwd on "
         "an AMX Xeon; sft/ops/attention.py). false: the flash kernel's backward.",
     )
     revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) for hub ids.")

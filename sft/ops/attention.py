@@ -86,10 +86,11 @@ class _CausalFlashMathBackward(torch.autograd.Function):
     recomputing the probabilities from the forward's log-sum-exp as a flash backward does.
 
     Why hand-written: PyTorch's CPU flash backward ran ~1.5 ms per 150-token document (9 heads x 64; ~45 GFLOP/s,
-    a few percent of the AMX peak) and took 1.35 s of a 6 s SmolLM2 step. Measured fwd + bwd of 30 causal documents
-    of 40-259 tokens, 9 heads x 64, bf16, 2-core AMX Xeon, torch 2.13 (`python -m benchmarks.attention`):
-    ~59 ms with the flash backward, ~32 ms with this one; gradient error against fp64 2.5-2.9e-3 vs the kernel's
-    2.9-4.0e-3 (bf16 rounding). For fp32 inputs it gains nothing (34 vs 36 ms), so only bf16 comes here."""
+    a few percent of the AMX peak) and took 1.35 s of a 6 s SmolLM2 step. Measured per-document attention fwd + bwd
+    of one 8 x 512 layer of 40-260-token documents, bf16, 2-core AMX Xeon, torch 2.13 (`python -m
+    benchmarks.attention`): SmolLM2 shapes 66.7 -> 40.8 ms, OPT shapes 86.6 -> 47.8 ms. Gradient error against
+    fp64 on 30 such documents: 2.5-2.9e-3 vs the kernel's 2.9-4.0e-3 (bf16 rounding). For fp32 inputs it gained
+    nothing (34 vs 36 ms for those 30 documents), so only bf16 comes here."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float):
@@ -117,13 +118,13 @@ class _CausalFlashMathBackward(torch.autograd.Function):
 MATH_BACKWARD_ATTR = "_sft_attention_math_backward"
 
 
-def use_math_backward(model: torch.nn.Module, on: bool = True) -> int:
-    """Route ``model``'s per-document bf16 CPU attention through :class:`_CausalFlashMathBackward` (or back);
-    returns how many attention modules were marked."""
+def use_math_backward(model: torch.nn.Module) -> int:
+    """Route ``model``'s per-document bf16 CPU attention through :class:`_CausalFlashMathBackward`; returns how
+    many attention modules were marked."""
     n = 0
     for m in model.modules():
         if hasattr(m, "is_causal") and type(m).__name__.endswith("Attention"):
-            setattr(m, MATH_BACKWARD_ATTR, on)
+            setattr(m, MATH_BACKWARD_ATTR, True)
             n += 1
     return n
 
