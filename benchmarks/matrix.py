@@ -101,6 +101,8 @@ BUILTIN_VARIANTS: dict[str, Variant] = {
                           "framework with PEFT's nn.Dropout on the LoRA input (one bernoulli draw per element)"),
     "flash-backward": Variant("framework", {"model.fast_attention_backward": False},
                               "framework with PyTorch's CPU flash backward for the per-document attention"),
+    "peft-lora": Variant("framework", {"lora.fused": False},
+                         "framework with PEFT's LoRA forward (fp32 copy of the input, separate scaling and add)"),
     "eager-norm": Variant("framework", {"model.fused_norm": False},
                           "framework with transformers' RMSNorm (no compiled kernel; Llama family)"),
 }

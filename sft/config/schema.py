@@ -96,6 +96,13 @@ class LoraSection:
         "to 1/65536) instead of nn.Dropout's one bernoulli draw per element: ~1.7-2x faster fwd + bwd, a bool "
         "mask for the backward (sft/ops/dropout.py). Other devices keep nn.Dropout.",
     )
+    fused: bool = _f(
+        True,
+        "On CPU, run each adapted linear (a plain nn.Linear base, one vanilla adapter) as one autograd function in "
+        "the compute dtype: no fp32 copy of the input, the scaling and dropout factors folded into the r-rank "
+        "matrices, the LoRA product accumulated into the base GEMM's output (sft/ops/lora.py). Uses "
+        "lora.fast_dropout's masks; with fast_dropout off, or under ZeRO-3 / FSDP, PEFT's forward runs.",
+    )
     bias: Literal["none", "all", "lora_only"] = _f("none", "Which biases train (peft's `bias`).")
     target_modules: list[str] = _f(
         ["q_proj", "v_proj"], "Module names that get adapters; [all-linear] for every linear layer but the head."

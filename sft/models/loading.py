@@ -12,7 +12,7 @@ import torch
 from sft.config import LoraSection, ModelConfig, QuantizationConfig
 from sft.errors import ModelError
 from sft.models.adapters import add_lora
-from sft.dist import zero3_init
+from sft.dist import sharded_launch, zero3_init
 from sft.models.architectures import build_random
 from sft.models.cache import dense_copy_of_gguf, materialize_arch
 from sft.models.memory import apply_checkpointing, choose_checkpointing
@@ -172,6 +172,10 @@ def prepare_model(model, tokenizer, model_cfg: ModelConfig, lora_cfg: LoraSectio
             from sft.ops.dropout import install_fast_dropout
 
             install_fast_dropout(model)
+        if lora_cfg.fused and not sharded_launch() and not zero3_init():
+            from sft.ops.lora import install_fused_lora
+
+            install_fused_lora(model)
         if checkpointing and keep:
             apply_checkpointing(model, keep)
         model.sft_checkpointing = checkpointing  # what `auto` resolved to (the config is not changed)

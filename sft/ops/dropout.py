@@ -38,6 +38,12 @@ def keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
     return _lanes(shape) >= k - LANES // 2, LANES / (LANES - k)
 
 
+def drop_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
+    """The complement of :func:`keep_mask` from the same draws (True where dropped), for ``masked_fill``."""
+    k = round(p * LANES)
+    return _lanes(shape) < k - LANES // 2, LANES / (LANES - k)
+
+
 class _MaskedScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p):
