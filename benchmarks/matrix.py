@@ -103,8 +103,6 @@ BUILTIN_VARIANTS: dict[str, Variant] = {
                               "framework with PyTorch's CPU flash backward for the per-document attention"),
     "peft-lora": Variant("framework", {"lora.fused": False},
                          "framework with PEFT's LoRA forward (fp32 copy of the input, separate scaling and add)"),
-    "per-document-attention": Variant("framework", {"model.attention_bucket": 0},
-                                      "framework with one attention call per document (no length buckets)"),
     "eager-norm": Variant("framework", {"model.fused_norm": False},
                           "framework with transformers' RMSNorm (no compiled kernel; Llama family)"),
 }

@@ -82,13 +82,6 @@ class ModelConfig:
         "in fp32, dV/dQ/dK in bf16) around fp32 softmax arithmetic instead of PyTorch's CPU flash backward (~2x faster attention fwd + bwd on "
         "an AMX Xeon; sft/ops/attention.py). false: the flash kernel's backward.",
     )
-    attention_bucket: int = _f(
-        32,
-        "sft_varlen attention: pad each document of a packed batch to a multiple of this many tokens and attend all "
-        "documents of one padded length in one batched causal call (exact: padded keys are never seen by real "
-        "queries); 0: one call per document (sft/ops/attention.py).",
-        min=0,
-    )
     revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) for hub ids.")
 
 

@@ -158,10 +158,6 @@ def prepare_model(model, tokenizer, model_cfg: ModelConfig, lora_cfg: LoraSectio
         from sft.ops.attention import use_math_backward
 
         use_math_backward(model)
-    if model_cfg.attention_bucket:
-        from sft.ops.attention import use_buckets
-
-        use_buckets(model, model_cfg.attention_bucket)
     if lora_cfg is not None:
         torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same adapter init
         checkpointing, keep = model_cfg.gradient_checkpointing, 0

@@ -8,11 +8,6 @@ need (sum of len^2 instead of L^2). Here the block is cut into its documents and
 attention, without a mask and without the masked work. The same boundaries also isolate documents for models
 whose mask ignores position ids (OPT).
 
-Documents are short (the bench's are 40-260 tokens, ~30 per 8 x 512 micro-batch), so one call per document is
-mostly per-call overhead: ~30 flash forwards and ~30 backwards of a dozen small ops each, per layer. With
-``model.attention_bucket`` (default 32) each document is padded to a multiple of that many tokens and all documents
-of one padded length go through one batched causal call (:func:`_bucketed`), which is still exact.
-
 Used on packed blocks: while training (module.training), and in sft's evaluation, which runs its forwards
 inside :func:`packed_blocks`; always with position ids and no KV cache. Everything else (generation with padding
 and a cache) goes to transformers' own SDPA path with its mask. It runs on CPU and CUDA alike; on CUDA,
@@ -99,8 +94,8 @@ class _CausalFlashMathBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float):
-        """(N, H, L, D) inputs, any strides; (N, H, L, D) output."""
-        out, lse = _flash_cpu(q, k, v, 0.0, True, scale=scale)
+        out, lse = _flash_cpu(q[None], k[None], v[None], 0.0, True, scale=scale)
+        out, lse = out[0], lse[0]
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
         return out
@@ -112,11 +107,11 @@ class _CausalFlashMathBackward(torch.autograd.Function):
         grad = grad.contiguous()
         # S and dP in fp32 GEMMs: exp() of a bf16-rounded S is off by up to |S| * 2^-9 in the exponent, and dP
         # loses its low bits just before dP - delta cancels them; the other two GEMMs take bf16 operands.
-        p = torch.matmul(q.float(), k.float().transpose(-2, -1)).mul_(scale).sub_(lse[..., None]).exp_().tril_()
-        dv = torch.matmul(p.to(q.dtype).transpose(-2, -1), grad)
+        p = torch.matmul(q.float(), k.float().transpose(1, 2)).mul_(scale).sub_(lse[..., None]).exp_().tril_()
+        dv = torch.matmul(p.to(q.dtype).transpose(1, 2), grad)
         delta = (grad.float() * out.float()).sum(-1, keepdim=True)  # rowsum(dO * O) = rowsum(P * dP)
-        ds = torch.matmul(grad.float(), v.float().transpose(-2, -1)).sub_(delta).mul_(p).mul_(scale).to(q.dtype)
-        return torch.matmul(ds, k), torch.matmul(ds.transpose(-2, -1), q), dv, None
+        ds = torch.matmul(grad.float(), v.float().transpose(1, 2)).sub_(delta).mul_(p).mul_(scale).to(q.dtype)
+        return torch.matmul(ds, k), torch.matmul(ds.transpose(1, 2), q), dv, None
 
 
 #: set on a model's attention modules by :func:`use_math_backward` (``model.fast_attention_backward``)
@@ -135,83 +130,11 @@ def use_math_backward(model: torch.nn.Module) -> int:
 
 
 def _attend(q, k, v, dropout: float, scaling, math_backward: bool):
-    """Causal attention of a batch of documents of one length, (N, H, len, D) -> (N, H, len, D)."""
+    """Causal attention of one document, (H, len, D) -> (H, len, D)."""
     if math_backward and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _CausalFlashMathBackward.apply(q, k, v, q.shape[-1] ** -0.5 if scaling is None else float(scaling))
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
-
-
-#: set on a model's attention modules by :func:`use_buckets` (``model.attention_bucket``)
-BUCKET_ATTR = "_sft_attention_bucket"
-
-#: fp32 bytes of one batched call's (documents x heads x len x len) score matrix, at most (the GEMM backward's
-#: working set); a bucket with more documents is split into several calls
-SCORES_BUDGET = 64 * 2**20
-
-
-def use_buckets(model: torch.nn.Module, bucket: int) -> int:
-    """Set ``model``'s per-document attention to pad documents to multiples of ``bucket`` tokens and attend each
-    padded length in one batched call (0: one call per document); returns how many modules were set."""
-    n = 0
-    for m in model.modules():
-        if hasattr(m, "is_causal") and type(m).__name__.endswith("Attention"):
-            setattr(m, BUCKET_ATTR, int(bucket))
-            n += 1
-    return n
-
-
-def _per_document(query, key, value, spans, dropout, scaling, math):
-    """One attention call per document: (B, H, L, D) -> (B, L, H, D)."""
-    # unbind/split, not slicing: a slice's backward writes its gradient into a zero tensor of the whole input,
-    # and autograd then adds those up, O(documents x block) per layer; split's backward is one concatenation.
-    # Measured on OPT-125m 8 x 512 (bf16, 2-core EPYC): SliceBackward + its fill_/add_ took ~1.7 s of a 10.4 s step.
-    rows = []
-    for qb, kb, vb, row in zip(query.unbind(0), key.unbind(0), value.unbind(0), spans):
-        sizes = [e - s for s, e in row]
-        parts = [_attend(q[None], k[None], v[None], dropout, scaling, math)[0].transpose(0, 1)  # (len, H, D)
-                 for q, k, v in zip(qb.split(sizes, dim=1), kb.split(sizes, dim=1), vb.split(sizes, dim=1))]
-        rows.append(torch.cat(parts, dim=0) if len(parts) > 1 else parts[0].contiguous())
-    return torch.stack(rows, dim=0)
-
-
-def _bucketed(query, key, value, spans, dropout, scaling, math, bucket: int):
-    """Documents padded to multiples of ``bucket`` tokens, one batched causal call per padded length:
-    (B, H, L, D) -> (B, L, H, D).
-
-    A document of n tokens is gathered into P = ceil(n / bucket) * bucket rows, the last token repeated into the
-    padding. Under the causal mask a real query (position < n) never sees a padded key, so its output is exact; the
-    padded queries' outputs are never gathered back, so their gradient is zero, and so are the gradients they would
-    send to the padded keys and values (a padded key is seen by padded queries only). The padding costs
-    (P^2 - n^2) of work per document; the batching saves the per-call overhead that dominates short documents."""
-    B, H, L, D = query.shape
-    dev = query.device
-    tok = lambda t: t.transpose(1, 2).reshape(B * L, H, t.shape[-1])  # noqa: E731 - (B*L, H, D), token-major
-    qt, kt, vt = tok(query), tok(key), tok(value)
-    groups: dict[int, list[tuple[int, int]]] = {}
-    for b, row in enumerate(spans):
-        for s, e in row:
-            groups.setdefault(min(L, -(-(e - s) // bucket) * bucket), []).append((b * L + s, e - s))
-    inv = torch.empty(B * L, dtype=torch.long)
-    outs, offset = [], 0
-    for P in sorted(groups):
-        docs = groups[P]
-        per = max(1, SCORES_BUDGET // (4 * H * P * P))
-        for c in range(0, len(docs), per):
-            chunk = docs[c:c + per]
-            nd = len(chunk)
-            starts = torch.tensor([d[0] for d in chunk])[:, None]
-            lens = torch.tensor([d[1] for d in chunk])[:, None]
-            j = torch.arange(P)[None]
-            idx = starts + torch.minimum(j, lens - 1)  # (nd, P) token rows, the last one repeated
-            real = j < lens
-            inv[idx[real]] = offset + (torch.arange(nd)[:, None] * P + j)[real]
-            flat = idx.flatten().to(dev)
-            qb, kb, vb = (t.index_select(0, flat).view(nd, P, H, -1).transpose(1, 2) for t in (qt, kt, vt))
-            out = _attend(qb, kb, vb, dropout, scaling, math)  # (nd, H, P, Dv)
-            outs.append(out.transpose(1, 2).reshape(nd * P, H, out.shape[-1]))
-            offset += nd * P
-    padded = torch.cat(outs) if len(outs) > 1 else outs[0]
-    return padded.index_select(0, inv.to(dev)).view(B, L, H, -1)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, is_causal=True,
+                                          scale=scaling)[0]
 
 
 # Not traced by torch.compile: the document boundaries are data (read with .tolist()), so a traced version guards
@@ -238,17 +161,21 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         # grouped-query attention: expand k/v to the query heads (SDPA's enable_gqa leaves the CPU flash kernel)
         rep = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    # unbind/split, not slicing: a slice's backward writes its gradient into a zero tensor of the whole input,
+    # and autograd then adds those up, O(documents x block) per layer; split's backward is one concatenation.
+    # Measured on OPT-125m 8 x 512 (bf16, 2-core EPYC): SliceBackward + its fill_/add_ took ~1.7 s of a 10.4 s step.
     out_dtype = query.dtype
     if query.device.type == "cpu" and upcast_on_cpu(query.dtype):
         query, key, value = query.float(), key.float(), value.float()
     math = (getattr(module, MATH_BACKWARD_ATTR, False) and query.device.type == "cpu"
             and query.dtype == torch.bfloat16 and dropout == 0.0)
-    spans, bucket = document_spans(pos), getattr(module, BUCKET_ATTR, 0)
-    if bucket > 0:
-        out = _bucketed(query, key, value, spans, dropout, scaling, math, bucket)
-    else:
-        out = _per_document(query, key, value, spans, dropout, scaling, math)
-    return out.to(out_dtype), None  # (B, L, H, D), contiguous
+    rows = []
+    for qb, kb, vb, spans in zip(query.unbind(0), key.unbind(0), value.unbind(0), document_spans(pos)):
+        sizes = [e - s for s, e in spans]
+        parts = [_attend(q, k, v, dropout, scaling, math).transpose(0, 1)  # (len, H, D)
+                 for q, k, v in zip(qb.split(sizes, dim=1), kb.split(sizes, dim=1), vb.split(sizes, dim=1))]
+        rows.append(torch.cat(parts, dim=0) if len(parts) > 1 else parts[0].contiguous())
+    return torch.stack(rows, dim=0).to(out_dtype), None  # (B, L, H, D), contiguous
 
 
 def register() -> str:
