@@ -48,7 +48,9 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 def load_for_generation(path: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer, description) for an adapter dir, a merged/local model dir, or any model.name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from sft.models.pretrained import load_pretrained
 
     p = Path(path)
     if is_adapter_dir(p):
@@ -58,7 +60,7 @@ def load_for_generation(path: str, dtype: torch.dtype = torch.float32):
         return model, tokenizer, f"adapter {p}"
     if p.is_dir() and (p / "config.json").is_file():
         try:
-            model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
+            model = load_pretrained(p, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(p)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load {p}: {e}") from e

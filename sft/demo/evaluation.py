@@ -42,15 +42,16 @@ class ExactMatch(RunHooks):
     def after_merge(self, merged_dir: Path, summary) -> None:
         """Reload the merged model the way a user would: answer one held-out question, and measure accuracy on the
         same rows as before training."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from sft.data.formatting import prompt_text
         from sft.generation import generate_texts
+        from sft.models.pretrained import load_pretrained
 
         if not self.rows:
             return
         cfg = self.cfg
-        model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+        model = load_pretrained(merged_dir, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(merged_dir)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -174,10 +174,10 @@ def _check_merged(merged_dir: Path, probe: torch.Tensor, reference: torch.Tensor
                   save_dtype: torch.dtype) -> tuple[float, float]:
     """Reload the merged model and compare its logits with ``reference``: ``(max |diff|, max |reference|)``, or a
     MergeError when they differ by more than the tolerance."""
-    from transformers import AutoModelForCausalLM
+    from sft.models.pretrained import load_pretrained
 
     try:
-        reloaded = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, attn_implementation="sdpa",
+        reloaded = load_pretrained(merged_dir, dtype=torch.float32, attn_implementation="sdpa",
                                                         use_safetensors=True)
     except Exception as e:
         raise MergeError(f"the merged model does not load: {e}") from e

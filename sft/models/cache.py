@@ -49,13 +49,13 @@ def dense_copy_of_gguf(folder: str, file: str) -> Path:
     transformers dequantizes GGUF tensors on every load (~6 s for 135M, minutes for 7B) and marks the result
     as a quantized model, which forbids dtype casts and confuses PEFT although the layers are plain dense
     ``nn.Linear``. Loading the dense copy is ~1 s and gives an ordinary model."""
-    from transformers import AutoModelForCausalLM
+    from sft.models.pretrained import load_pretrained
 
     key = Path(file).stem + "-" + str(os.path.getsize(os.path.join(folder, file)))
     out = cache_dir() / "gguf" / key
     if (out / "config.json").exists():
         return out
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    model = load_pretrained(folder, gguf_file=file, dtype=torch.float32)
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):

@@ -67,7 +67,7 @@ def _arch_from_disk(cfg: ModelConfig, quant: QuantizationConfig) -> bool:
 
 def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42, source: ModelSource | None = None):
     """Load the base model with the configured dtype policy (and 4-bit quantization when asked)."""
-    from transformers import AutoModelForCausalLM
+    from sft.models.pretrained import load_pretrained
 
     source = source or resolve_source(cfg)
     # auto needs the model type: load with sdpa, then switch (resolve_attention) once the config is known
@@ -81,29 +81,29 @@ def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42,
             if quant.mode == "nf4":
                 # bitsandbytes quantizes while loading weights: materialise the random model once on disk.
                 model_dir = materialize_arch(source.path, seed)
-                model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, **common)
+                model = load_pretrained(model_dir, use_safetensors=True, **common)
             elif _arch_from_disk(cfg, quant):
                 # ZeRO-3 loads partitioned (zero.Init) through from_pretrained, and several ranks of a 16-bit run
                 # each load the 16-bit copy instead of building the model in fp32 (2x the host memory per rank):
                 # the same weights as build_random's, saved once, so every strategy starts from identical parameters
                 dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16
-                model = AutoModelForCausalLM.from_pretrained(materialize_arch(source.path, seed, dtype=dtype),
+                model = load_pretrained(materialize_arch(source.path, seed, dtype=dtype),
                                                              use_safetensors=True, dtype=dtype, attn_implementation=attn)
             else:
                 model = build_random(source.path, seed)
                 model.config._attn_implementation = attn
         elif source.kind == "gguf":
             if quant.mode == "nf4":
-                model = AutoModelForCausalLM.from_pretrained(dense_copy_of_gguf(source.path, source.gguf_file),
+                model = load_pretrained(dense_copy_of_gguf(source.path, source.gguf_file),
                                                              use_safetensors=True, **common)
             else:
-                model = AutoModelForCausalLM.from_pretrained(
+                model = load_pretrained(
                     dense_copy_of_gguf(source.path, source.gguf_file), dtype=torch.float32,
                     attn_implementation=attn, use_safetensors=True,
                 )
         else:
             # safetensors only, also for hub ids: a pickled checkpoint is never unpickled
-            model = AutoModelForCausalLM.from_pretrained(source.path, revision=cfg.revision, use_safetensors=True,
+            model = load_pretrained(source.path, revision=cfg.revision, use_safetensors=True,
                                                          **common)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {cfg.name}: {e} (only safetensors weights are loaded)") from e
