@@ -87,6 +87,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--nodes", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64], help="node counts to project")
     g.add_argument("--step-time", type=float, default=None, help="project: measured compute seconds per step")
     g.add_argument("--global-batch", type=int, default=None, help="strong-scaling projection's global batch")
+    g.add_argument("--overhead-ms", type=float, default=0.0,
+                   help="project: per-step data-parallel overhead beyond the all-reduce, measured as (2-node step "
+                        "over a fast link) - (one node's step) - (that link's all-reduce); default 0")
     g.add_argument("--grad-bytes-per-param", type=int, default=4, help="project: gradient element size (fp32: 4)")
     g = p.add_argument_group("report")
     g.add_argument("--jsonl", default=None, help="results file (default: the newest in --results-dir)")

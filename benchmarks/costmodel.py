@@ -45,6 +45,29 @@ def ring_allreduce_seconds(nbytes: float, ranks: int, bandwidth_Bps: float, late
     return 2 * (n - 1) / n * nbytes / bandwidth_Bps + 2 * (n - 1) * latency_s * max(1, buckets)
 
 
+def synchronous_compute_s(step_times_per_node: list[list[float]], samples: int = 100_000, seed: int = 0) -> float:
+    """The compute part of a synchronous data-parallel step from each node's measured step times alone.
+
+    Every rank waits at the all-reduce for the slowest one, so a step costs the largest of the nodes' compute
+    times, not their mean: this is the median, over combinations of one measured step per node, of the largest
+    (every combination while there are at most ``samples`` of them, else ``samples`` drawn with ``seed``). With
+    identical nodes and no jitter it equals the one-node median; jitter makes it larger, the more so the more nodes.
+    """
+    import itertools
+    import random
+    import statistics
+
+    lists = [list(t) for t in step_times_per_node]
+    if not lists or any(not t for t in lists):
+        raise ValueError("need at least one measured step per node")
+    if math.prod(len(t) for t in lists) <= samples:
+        worst = [max(c) for c in itertools.product(*lists)]
+    else:
+        rng = random.Random(seed)
+        worst = [max(rng.choice(t) for t in lists) for _ in range(samples)]
+    return statistics.median(worst)
+
+
 def ddp_buckets(nbytes: float, bucket_bytes: int = DDP_BUCKET_BYTES) -> int:
     return max(1, math.ceil(nbytes / bucket_bytes))
 

@@ -274,9 +274,11 @@ def cmd_project(args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"{args.model}: LoRA r{args.lora_r} on {','.join(targets)}: {n_lora:,} parameters, "
                   f"{grad_bytes / 2**20:.2f} MiB of gradients per all-reduce; compute {args.step_time:g} s per step "
-                  f"at micro-batch {args.micro_batch}")
+                  f"at micro-batch {args.micro_batch}"
+                  + (f", data-parallel overhead {args.overhead_ms:g} ms per step" if args.overhead_ms else ""))
     for label, gbps, us in network_profiles(args):
-        model = CostModel(args.step_time, grad_bytes, gbit_to_Bps(gbps), us * 1e-6, batch=args.micro_batch)
+        model = CostModel(args.step_time, grad_bytes, gbit_to_Bps(gbps), us * 1e-6, batch=args.micro_batch,
+                          overhead_s=max(0.0, args.overhead_ms) * 1e-3)
         rows = projection_table(model, args.nodes, args.global_batch)
         t = Table(title=label)
         for c in ("nodes", "all-reduce ms", "weak eff.", f"strong eff. (G={rows[0]['strong_global_batch']})"):

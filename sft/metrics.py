@@ -136,6 +136,7 @@ class StepTimer:
             "step_time_p90_s": pick(0.9),
             "first_step_s": self.first_step_s or float("nan"),
             "measured_steps": len(self.times),
+            "step_times_s": list(self.times),  # in step order: the distribution behind the median (stragglers, jitter)
         }
 
 

@@ -70,6 +70,34 @@ def test_allreduce_fit_recovers_bandwidth_and_latency():
     assert fit["latency_s"] == pytest.approx(lat, rel=1e-6)
 
 
+def test_allreduce_fit_takes_the_bandwidth_from_the_large_messages():
+    """Measured over a 100 Mbit/s tbf cap (2026-12-06): the small messages' jitter (4 KB slower than 64 KB) must not
+    set the slope. The earlier relative-error fit reported 188 Mbit/s from these times."""
+    ms = {4: 0.43, 4096: 1.05, 65536: 2.06, 262144: 17.66, 1048576: 85.04, 4194304: 350.17}
+    fit = fit_ring({k: v / 1e3 for k, v in ms.items()}, 2)
+    assert 90e6 / 8 < fit["bandwidth_Bps"] < 100e6 / 8, fit["bandwidth_Bps"] * 8
+    assert fit["latency_s"] == pytest.approx(0.43e-3 / 2, rel=0.01)
+    predicted = ring_allreduce_seconds(1 << 20, 2, fit["bandwidth_Bps"], fit["latency_s"])
+    assert predicted == pytest.approx(85.04e-3, rel=0.05)
+
+
+def test_synchronous_compute_waits_for_the_slower_node():
+    from benchmarks.costmodel import synchronous_compute_s
+
+    steady = [0.040] * 9
+    assert synchronous_compute_s([steady, steady]) == pytest.approx(0.040)
+    # one node alternates fast and slow steps: half the combinations wait for its slow step
+    jittery = [0.030, 0.050] * 5
+    assert synchronous_compute_s([steady, jittery]) == pytest.approx(0.045)  # median of {0.040, 0.050}
+    # two nodes, each slow one step in four: 7 of 16 combinations wait for a slow step, the median does not
+    assert synchronous_compute_s([[0.040] * 3 + [0.060]] * 2) == pytest.approx(0.040)
+    # many nodes: sampled, and the slow tail shows more often
+    many = synchronous_compute_s([[0.040] * 9 + [0.060]] * 16, samples=20_000)
+    assert many == pytest.approx(0.060)
+    with pytest.raises(ValueError):
+        synchronous_compute_s([steady, []])
+
+
 # --------------------------------------------------------------------------------------------- matrices
 
 
@@ -272,3 +300,22 @@ def test_smoke_metrics_present_and_sensible(smoke_run):
         assert r["commit"] == r["machine"]["git"]["commit"] and r["repeat"] == 0 and r["order"] == "forward"
         assert _finite_positive(r["peak"]["peak_flops"]) and r["peak"]["peak_dtype"] in ("bf16", "fp32")
     assert ok[0]["ratios"]["tokens_per_s"] == 1.0
+
+
+def test_project_takes_the_measured_data_parallel_overhead(capsys):
+    """`sft bench project --overhead-ms`: the checked model's overhead term lowers the projected efficiency."""
+    from benchmarks.cli import main
+
+    argv = ["project", "--model", "tiny-llama", "--lora-targets", "all-linear", "--lora-r", "64", "--step-time",
+            "0.05", "--micro-batch", "2", "--bandwidth-gbps", "1", "--latency-us", "100", "--nodes", "1,2"]
+    effs = []
+    for extra in ([], ["--overhead-ms", "10"]):
+        assert main([*argv, *extra]) == 0
+        out = capsys.readouterr().out
+        row = [line for line in out.splitlines() if line.strip("│ ").startswith("2 ")][0]
+        effs.append(float(row.replace("│", " ").split()[2]))
+    grad = lora_param_count("tiny-llama", 64, ["all-linear"]) * 4
+    for eff, overhead in zip(effs, (0.0, 0.010)):
+        want = CostModel(0.05, grad, gbit_to_Bps(1), 100e-6, batch=2, overhead_s=overhead).weak_efficiency(2)
+        assert eff == pytest.approx(want, abs=6e-4)
+    assert effs[1] < effs[0]
