@@ -319,3 +319,21 @@ def test_project_takes_the_measured_data_parallel_overhead(capsys):
         want = CostModel(0.05, grad, gbit_to_Bps(1), 100e-6, batch=2, overhead_s=overhead).weak_efficiency(2)
         assert eff == pytest.approx(want, abs=6e-4)
     assert effs[1] < effs[0]
+
+
+def test_costmodel_check_numbers_runs_and_counts_the_band(tmp_path):
+    from benchmarks.costmodel_check import load, main, markdown
+
+    def row(cap, predicted, measured):
+        return {"cap": cap, "link_bandwidth_Bps": 12.5e6, "link_latency_s": 1e-4, "one_node_step_s": 0.04,
+                "overhead_s": 0.01, "predicted_s": predicted, "measured_s": measured}
+
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in (row("100mbit", 0.140, 0.139), row("1gbit", 0.065, 0.050),
+                                                         row("100mbit", 0.150, 0.150), row("1gbit", 0.06, 0.06))))
+    rows = load(f)
+    assert [r["run"] for r in rows] == [1, 1, 2, 2]
+    assert rows[1]["error"] == pytest.approx(0.30)
+    assert "within ±15%: 3 of 4 rows" in markdown(rows)
+    assert main([str(f), "--out", str(tmp_path / "out" / "check")]) == 0
+    assert (tmp_path / "out" / "check.png").stat().st_size > 0 and (tmp_path / "out" / "check.md").exists()
