@@ -32,6 +32,10 @@ from typing import Any
 from sft.io import atomic_write_text
 
 SPAWN_ENV = "SFT_BENCH_SPAWN_TIME"  # time.time() when the runner started this cell (time to first step)
+#: ``SFT_BENCH_PROFILE=DIR``: profile the first measured step (torch.profiler, CPU ops) of every cell and write its
+#: op table to DIR/<cell label>.rank<R>.txt, e.g. ``sft bench --env SFT_BENCH_PROFILE=prof --repeat 1 --only ...``.
+#: The step's time then includes the profiler's cost: read the table's shares, not the cell's tokens/s.
+PROFILE_ENV = "SFT_BENCH_PROFILE"
 
 
 class Recorder:
@@ -154,6 +158,7 @@ def recorder_callback(rec: Recorder):
         def __init__(self):
             self.last_end = None
             self.in_step = False
+            self.profiler, self.profiled = None, False
 
         def on_train_begin(self, args, state, control, model=None, **kw):
             rec.on_train_begin(model)
@@ -173,11 +178,40 @@ def recorder_callback(rec: Recorder):
             if module.training and getattr(output, "loss", None) is not None:
                 rec.on_loss(output.loss)
 
+        def on_step_begin(self, args, state, control, **kw):
+            if profile_to and state.global_step == rec.spec.get("profile_step", -1) and self.profiler is None:
+                import torch
+
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                self.profiler.start()
+
         def on_step_end(self, args, state, control, **kw):
             rec.on_step_end()
+            if self.profiler is not None and not self.profiled:
+                self.profiler.stop()
+                self.profiled = True
+                write_profile(self.profiler, Path(profile_to), rec.spec.get("label", "cell"))
             self.last_end, self.in_step = time.perf_counter(), False
 
+    profile_to = os.environ.get(PROFILE_ENV)
     return RecorderCallback()
+
+
+def write_profile(prof, directory: Path, label: str) -> Path:
+    """The profiled step's op table, sorted by self CPU time, with each op's share of the step."""
+    rank = int(os.environ.get("RANK", "0"))
+    directory.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    lines = [f"# {label}, rank {rank}: one training step, {total / 1e6:.3f} s of self CPU time over all threads",
+             f"{'op':<60} {'self s':>9} {'share':>7} {'calls':>7}"]
+    for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:40]:
+        lines.append(f"{e.key[:60]:<60} {e.self_cpu_time_total / 1e6:>9.3f} "
+                     f"{e.self_cpu_time_total / total:>7.1%} {e.count:>7}")
+    out = directory / f"{safe}.rank{rank}.txt"
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    return out
 
 
 def run_framework(spec: dict, dataset: str, max_steps: int, work: Path, rec: Recorder) -> None:
@@ -205,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     spec_path = Path(argv[0])
     job = json.loads(spec_path.read_text())
     spec, dataset, max_steps = job["cell"], job["dataset"], job["warmup"] + job["steps"]
+    spec = dict(spec, profile_step=job["warmup"])  # the first measured step (global_step counts from 0)
     rank = int(os.environ.get("RANK", "0"))
     rec = Recorder(spec)
     work = Path(tempfile.mkdtemp(prefix=f"rank{rank}-", dir=spec_path.parent))

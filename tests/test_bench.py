@@ -237,7 +237,8 @@ def smoke_run(tmp_path_factory):
     matrix.write_text(smoke.replace("cells:\n  - {}", "cells:\n  - {model: /nonexistent/model-dir, variant: framework}\n  - {}"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([*SFT, "bench", "--matrix", str(matrix), "--results-dir", str(work / "results"),
-                           "--peak-seconds", "1", "--no-progress", "--repeat", "1", "--no-warmup-cell"],
+                           "--peak-seconds", "1", "--no-progress", "--repeat", "1", "--no-warmup-cell",
+                           "--env", f"SFT_BENCH_PROFILE={work / 'profiles'}"],
                           cwd=work, env=env, capture_output=True, text=True, timeout=900)
     return work / "results", proc
 
@@ -255,6 +256,16 @@ def test_smoke_files_appear(smoke_run):
     text = md.read_text()
     assert "| config | variant | tok/s |" in text
     assert "baseline" in text and "framework" in text and "spec" in text and "Failed cells" in text
+
+
+def test_smoke_profiles_the_first_measured_step_of_each_cell(smoke_run):
+    """SFT_BENCH_PROFILE=DIR: one op table per cell that ran, of one training step, with the GEMMs in it."""
+    results, _ = smoke_run
+    tables = sorted((results.parent / "profiles").glob("*.rank0.txt"))
+    assert [t.name.rsplit("_", 2)[-2] for t in tables] == ["baseline", "framework"], tables
+    for t in tables:
+        text = t.read_text()
+        assert "one training step" in text and ("aten::mm" in text or "aten::addmm" in text), text[:2000]
 
 
 def test_smoke_failed_cell_is_reported_and_the_rest_go_on(smoke_run):
