@@ -96,8 +96,14 @@ def test_sft_installs_it_and_the_switch_turns_it_off():
         assert len(marked) == (model.config.num_hidden_layers if flag else 0)
 
 
-def test_it_stays_out_of_fp32_no_grad_and_dropout():
-    """fp32 inputs, forwards without gradients, and attention dropout keep PyTorch's SDPA (no custom node)."""
+def test_it_stays_out_of_fp32_no_grad_and_dropout(monkeypatch):
+    """fp32 inputs, forwards without gradients, and attention dropout keep PyTorch's SDPA (no custom node).
+
+    bf16 stays bf16 here whatever the CPU (SFT_ATTENTION_FP32=0): without AMX, ``auto`` computes bf16 attention in
+    fp32, which is the fp32 case (this test failed on a CPU without AMX before the variable was pinned)."""
+    from sft.ops.attention import UPCAST_ENV
+
+    monkeypatch.setenv(UPCAST_ENV, "0")
     mod = _Attn().train()
     setattr(mod, MATH_BACKWARD_ATTR, True)
     pos = torch.cat([torch.arange(n) for n in (9, 23)])[None].expand(2, -1)
@@ -119,3 +125,5 @@ def test_it_stays_out_of_fp32_no_grad_and_dropout():
     assert "_CausalFlashMathBackwardBackward" not in nodes(run(torch.float32))
     assert "_CausalFlashMathBackwardBackward" not in nodes(run(torch.bfloat16, dropout=0.1))
     assert run(torch.bfloat16, grad=False).grad_fn is None
+    monkeypatch.setenv(UPCAST_ENV, "1")  # bf16 inputs computed in fp32 (auto's choice without AMX): SDPA
+    assert "_CausalFlashMathBackwardBackward" not in nodes(run(torch.bfloat16))
