@@ -59,9 +59,9 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], repeats: int, ou
 
 
 def fit_ring(times_s: dict[int, float], world: int) -> dict:
-    """Fit t = a + b * bytes: ``a`` is the smaller time of the two smallest messages (that small, it is all latency), ``b`` the
-    least-squares slope of the rest with that intercept, which the largest messages dominate (they fix the
-    bandwidth); then bandwidth = 2(N-1)/N / b and latency = a / (2 (N-1)).
+    """Fit t = a + b * bytes: ``a`` is the smaller time of the two smallest messages (that small, it is all
+    latency), ``b`` the least-squares slope of the rest with that intercept, which the largest messages dominate
+    (they fix the bandwidth); then bandwidth = 2(N-1)/N / b and latency = a / (2 (N-1)).
 
     An unconstrained fit weighted by relative error (the earlier version) let the small messages' jitter set the
     slope: over a 100 Mbit/s link with sizes up to 4 MiB it reported 188 Mbit/s, although 4 MiB took 350 ms."""
@@ -83,6 +83,11 @@ def fit_ring(times_s: dict[int, float], world: int) -> dict:
     }
 
 
+def fit_measured(raw: dict) -> dict:
+    """The fit of a measurement file written by rank 0, with the idle gap it was measured with."""
+    return dict(fit_ring({int(k): v for k, v in raw["times_s"].items()}, raw["world"]), gap_s=raw.get("gap_s", 0.0))
+
+
 def measure(world: int = 2, sizes=DEFAULT_SIZES, repeats: int = 20, gap_s: float = 0.0) -> dict:
     """Run the micro-benchmark in this process's children; returns the fit."""
     import tempfile
@@ -93,11 +98,10 @@ def measure(world: int = 2, sizes=DEFAULT_SIZES, repeats: int = 20, gap_s: float
 
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "allreduce.json")
-        mp.start_processes(_worker, args=(world, free_port(), list(sizes), repeats, out, "127.0.0.1", gap_s), nprocs=world,
-                           join=True, start_method="spawn")
+        mp.start_processes(_worker, args=(world, free_port(), list(sizes), repeats, out, "127.0.0.1", gap_s),
+                           nprocs=world, join=True, start_method="spawn")
         with open(out) as f:
-            raw = json.load(f)
-    return dict(fit_ring({int(k): v for k, v in raw["times_s"].items()}, world), gap_s=gap_s)
+            return fit_measured(json.load(f))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             with open(raw_path) as f:
                 raw = json.load(f)
-        fit = dict(fit_ring({int(k): v for k, v in raw["times_s"].items()}, args.ranks), gap_s=args.gap_s)
+        fit = fit_measured(raw)
     else:
         fit = measure(args.ranks, sizes, args.repeats, args.gap_s)
     text = json.dumps(fit, indent=2)

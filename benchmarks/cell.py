@@ -158,7 +158,7 @@ def recorder_callback(rec: Recorder):
         def __init__(self):
             self.last_end = None
             self.in_step = False
-            self.profiler, self.profiled = None, False
+            self.profiler = None  # running during the profiled step only
 
         def on_train_begin(self, args, state, control, model=None, **kw):
             rec.on_train_begin(model)
@@ -179,7 +179,7 @@ def recorder_callback(rec: Recorder):
                 rec.on_loss(output.loss)
 
         def on_step_begin(self, args, state, control, **kw):
-            if profile_to and state.global_step == rec.spec.get("profile_step", -1) and self.profiler is None:
+            if profile_to and state.global_step == rec.spec.get("profile_step", -1):
                 import torch
 
                 self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
@@ -187,10 +187,10 @@ def recorder_callback(rec: Recorder):
 
         def on_step_end(self, args, state, control, **kw):
             rec.on_step_end()
-            if self.profiler is not None and not self.profiled:
+            if self.profiler is not None:
                 self.profiler.stop()
-                self.profiled = True
                 write_profile(self.profiler, Path(profile_to), rec.spec.get("label", "cell"))
+                self.profiler = None
             self.last_end, self.in_step = time.perf_counter(), False
 
     profile_to = os.environ.get(PROFILE_ENV)

@@ -21,7 +21,10 @@ unit (a node in a projection, a rank's share of the cores on one machine).
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
+import statistics
 from dataclasses import asdict, dataclass
 
 #: DDP's default gradient bucket (25 MiB): each bucket is one all-reduce, so one latency term each.
@@ -53,10 +56,6 @@ def synchronous_compute_s(step_times_per_node: list[list[float]], samples: int =
     (every combination while there are at most ``samples`` of them, else ``samples`` drawn with ``seed``). With
     identical nodes and no jitter it equals the one-node median; jitter makes it larger, the more so the more nodes.
     """
-    import itertools
-    import random
-    import statistics
-
     lists = [list(t) for t in step_times_per_node]
     if not lists or any(not t for t in lists):
         raise ValueError("need at least one measured step per node")

@@ -208,7 +208,8 @@ def test_mpirun_hostfile_across_namespaces_trains_like_one_node(hosts, work, uni
         assert abs(a - b) <= 1e-6 * abs(a), f"step {step + 1}: one node {a}, mpirun over two nodes {b}"
 
 
-#: all-reduce sizes of the link measurement: up to twice the step's 1 MiB of gradients (the fit is best where it is used)
+#: all-reduce sizes of the link measurement: up to twice the step's 1 MiB of gradients (the fit is best where it
+#: is used)
 LINK_SIZES = "4,4096,65536,262144,524288,1048576,2097152"
 
 
