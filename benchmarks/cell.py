@@ -182,7 +182,8 @@ def recorder_callback(rec: Recorder):
             if profile_to and state.global_step == rec.spec.get("profile_step", -1):
                 import torch
 
-                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                       record_shapes=True, with_flops=True)
                 self.profiler.start()
 
         def on_step_end(self, args, state, control, **kw):
@@ -209,6 +210,15 @@ def write_profile(prof, directory: Path, label: str) -> Path:
     for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:40]:
         lines.append(f"{e.key[:60]:<60} {e.self_cpu_time_total / 1e6:>9.3f} "
                      f"{e.self_cpu_time_total / total:>7.1%} {e.count:>7}")
+    # Per (op, input shapes): where a GEMM runs below the machine's peak (GFLOP/s from the profiler's FLOP count
+    # of mm / addmm / bmm, over the op's own time).
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    lines += ["", f"{'op':<16} {'input shapes':<62} {'self s':>8} {'share':>6} {'calls':>6} {'GFLOP/s':>8}"]
+    for e in sorted(by_shape, key=lambda e: e.self_cpu_time_total, reverse=True)[:40]:
+        shapes = ",".join("x".join(map(str, s)) for s in (e.input_shapes or []) if s)
+        rate = f"{e.flops / e.self_cpu_time_total / 1e3:8.1f}" if e.flops and e.self_cpu_time_total else f"{'':>8}"
+        lines.append(f"{e.key[:16]:<16} {shapes[:62]:<62} {e.self_cpu_time_total / 1e6:>8.3f} "
+                     f"{e.self_cpu_time_total / total:>6.1%} {e.count:>6} {rate}")
     out = directory / f"{safe}.rank{rank}.txt"
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out
