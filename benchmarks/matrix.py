@@ -105,6 +105,8 @@ BUILTIN_VARIANTS: dict[str, Variant] = {
                          "framework with PEFT's LoRA forward (fp32 copy of the input, separate scaling and add)"),
     "eager-norm": Variant("framework", {"model.fused_norm": False},
                           "framework with transformers' RMSNorm (no compiled kernel; Llama family)"),
+    "eager-mlp": Variant("framework", {"model.fused_mlp": False},
+                         "framework with transformers' SwiGLU product (silu(gate) stored; Llama family)"),
 }
 
 

@@ -76,6 +76,13 @@ class ModelConfig:
         "compiler; without one it warns once and keeps transformers' norm. The first step compiles (~15 s, ~2 s "
         "cached).",
     )
+    fused_mlp: bool = _f(
+        True,
+        "On CPU, compute the SwiGLU product silu(gate) * up of Llama-family MLPs as one torch.compile-generated "
+        "kernel per direction while training (silu(gate) recomputed in the backward instead of stored: one "
+        "intermediate-sized tensor less per layer; sft/ops/mlp.py). Needs a C++ compiler; without one it warns "
+        "once and keeps transformers' MLP.",
+    )
     fast_attention_backward: bool = _f(
         True,
         "With sft_varlen attention in bf16 on CPU, compute each document's attention backward as four GEMMs (S and dP "

@@ -154,6 +154,10 @@ def prepare_model(model, tokenizer, model_cfg: ModelConfig, lora_cfg: LoraSectio
         from sft.ops.norm import install_fused_norm
 
         model._sft_fused_norm = install_fused_norm(model) > 0
+    if model_cfg.fused_mlp and not zero3_init():
+        from sft.ops.mlp import install_fused_mlp
+
+        model._sft_fused_mlp = install_fused_mlp(model) > 0
     if model_cfg.fast_attention_backward:
         from sft.ops.attention import use_math_backward
 
@@ -165,7 +169,8 @@ def prepare_model(model, tokenizer, model_cfg: ModelConfig, lora_cfg: LoraSectio
             keep = 0 if tokens_per_micro_batch is None else choose_checkpointing(
                 model.config, tokens_per_micro_batch, model_cfg.dtype, quant.mode,
                 chunked_loss=getattr(model, "_sft_chunked_loss", False),
-                fused_norm=getattr(model, "_sft_fused_norm", False))
+                fused_norm=getattr(model, "_sft_fused_norm", False),
+                fused_mlp=getattr(model, "_sft_fused_mlp", False))
             checkpointing = keep < getattr(model.config, "num_hidden_layers", 0)
         model = add_lora(model, lora_cfg, checkpointing, quantized=quant.mode == "nf4")
         if lora_cfg.fast_dropout:

@@ -11,7 +11,8 @@ from sft.ops.capabilities import supports
 log = logging.getLogger(__name__)
 
 
-def layer_activation_bytes(config, tokens: int, dtype: str, quant_mode: str = "none", fused_norm: bool = False) -> int:
+def layer_activation_bytes(config, tokens: int, dtype: str, quant_mode: str = "none", fused_norm: bool = False,
+                           fused_mlp: bool = False) -> int:
     """Estimated activation memory autograd keeps for ONE decoder layer over ``tokens`` tokens (no checkpointing).
 
     Per token, calibrated from peak RSS of `sft bench` cells with and without checkpointing (8 x 512 tokens,
@@ -23,11 +24,13 @@ def layer_activation_bytes(config, tokens: int, dtype: str, quant_mode: str = "n
     that the estimate never undercounts. (2.5, the figure before that measurement, kept 16 of SmolLM2's 30 layers
     and peaked at 1.2x the seed recipe's RSS.) With the fused RMSNorm (``fused_norm``: no saved fp32 copies, bf16
     norm outputs) and the bool LoRA-dropout masks, SmolLM2's layer keeps 0.066 GiB: (4.07 - 2.09 GiB) / 30 layers,
-    same method, tcmalloc, commit cbeb1db; 1.81 bytes per float, rounded up to 2.0."""
+    same method, tcmalloc, commit cbeb1db; 1.81 bytes per float, rounded up to 2.0. The fused SwiGLU product
+    (``fused_mlp``) keeps one intermediate-sized tensor less (silu(gate) is recomputed): counted by
+    tests/test_mlp.py with autograd's saved-tensor hooks."""
     hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0)
     inter = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden
     gated = supports("gated_mlp", getattr(config, "model_type", ""))
-    floats = 10 * hidden + 2.5 * inter if gated else 6 * hidden + 1.5 * inter
+    floats = 10 * hidden + (1.5 if fused_mlp else 2.5) * inter if gated else 6 * hidden + 1.5 * inter
     if dtype == "fp32" and quant_mode == "none":
         per_elem = 4.0
     else:
@@ -76,7 +79,7 @@ def available_memory_bytes() -> int:
 
 def choose_checkpointing(config, tokens_per_micro_batch: int, dtype: str, quant_mode: str = "none",
                          chunked_loss: bool = True, available: int | None = None, fraction: float = 0.25,
-                         fused_norm: bool = False) -> int:
+                         fused_norm: bool = False, fused_mlp: bool = False) -> int:
     """``gradient_checkpointing: auto``: how many decoder layers keep their activations (the rest recompute them).
 
     The budget is the memory the chunked loss saves against the plain loss path (its full fp32 logits), capped at
@@ -85,7 +88,8 @@ def choose_checkpointing(config, tokens_per_micro_batch: int, dtype: str, quant_
     ~1/4 of that layer's training compute). Without the chunked loss nothing is saved: every layer recomputes.
     Unknown available memory: every layer recomputes."""
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
-    per_layer = max(1, layer_activation_bytes(config, tokens_per_micro_batch, dtype, quant_mode, fused_norm))
+    per_layer = max(1, layer_activation_bytes(config, tokens_per_micro_batch, dtype, quant_mode, fused_norm,
+                                              fused_mlp))
     avail = available_memory_bytes() if available is None else available
     budget = min(logits_bytes(config, tokens_per_micro_batch, dtype) if chunked_loss else 0, int(fraction * avail))
     keep = max(0, min(layers, budget // per_layer))
