@@ -8,6 +8,8 @@ a model type missing from a set keeps transformers' own behaviour for that op (n
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 
 # The causal-LM head is exactly ``lm_head(last_hidden_state)`` (no logit scaling or soft-capping) and the module at
 # ``base_model_prefix`` returns that hidden state: the chunked loss (sft/ops/loss.py) can replace the model's own.
@@ -41,3 +43,24 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+@functools.cache
+def _forward_source(module: str, cls_name: str) -> str | None:
+    try:
+        return inspect.getsource(getattr(importlib.import_module(module), cls_name).forward)
+    except (ImportError, AttributeError, OSError, TypeError):
+        return None
+
+
+@functools.cache
+def has_forward_of(cls: type, module: str, cls_name: str) -> bool:
+    """Whether ``cls.forward`` is, character for character, the forward of transformers' ``module.cls_name`` (how
+    the fused CPU ops recognise the Llama-family norm and MLP in every model that copies them)."""
+    ref = _forward_source(module, cls_name)
+    if ref is None or not hasattr(cls, "forward"):
+        return False
+    try:
+        return inspect.getsource(cls.forward) == ref
+    except (OSError, TypeError):
+        return False

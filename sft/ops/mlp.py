@@ -21,12 +21,13 @@ one warning.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import types
 
 import torch
 import torch.nn.functional as F
+
+from sft.ops.capabilities import has_forward_of
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +43,9 @@ def _compiled():
     return torch.compile(_silu_mul, dynamic=None, fullgraph=True)
 
 
-@functools.cache
-def _reference_source() -> str | None:
-    try:
-        from transformers.models.llama.modeling_llama import LlamaMLP
-
-        return inspect.getsource(LlamaMLP.forward)
-    except (ImportError, OSError, TypeError):
-        return None
-
-
-@functools.cache
 def is_llama_mlp(cls: type) -> bool:
     """Whether ``cls.forward`` is transformers' Llama MLP forward, character for character."""
-    ref = _reference_source()
-    if ref is None or not hasattr(cls, "forward"):
-        return False
-    try:
-        return inspect.getsource(cls.forward) == ref
-    except (OSError, TypeError):
-        return False
+    return has_forward_of(cls, "transformers.models.llama.modeling_llama", "LlamaMLP")
 
 
 def swiglu_mlp(module, x: torch.Tensor) -> torch.Tensor:

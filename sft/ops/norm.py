@@ -24,11 +24,12 @@ and their recomputation); other devices, evaluation and generation run the modul
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import types
 
 import torch
+
+from sft.ops.capabilities import has_forward_of
 
 log = logging.getLogger(__name__)
 
@@ -46,26 +47,9 @@ def _compiled():
     return torch.compile(_rms_norm, dynamic=None, fullgraph=True)
 
 
-@functools.cache
-def _reference_source() -> str | None:
-    try:
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-        return inspect.getsource(LlamaRMSNorm.forward)
-    except (ImportError, OSError, TypeError):
-        return None
-
-
-@functools.cache
 def is_llama_rmsnorm(cls: type) -> bool:
     """Whether ``cls.forward`` is transformers' Llama RMSNorm forward, character for character."""
-    ref = _reference_source()
-    if ref is None or not hasattr(cls, "forward"):
-        return False
-    try:
-        return inspect.getsource(cls.forward) == ref
-    except (OSError, TypeError):
-        return False
+    return has_forward_of(cls, "transformers.models.llama.modeling_llama", "LlamaRMSNorm")
 
 
 def rms_norm(module, x: torch.Tensor) -> torch.Tensor:
