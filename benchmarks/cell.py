@@ -152,6 +152,7 @@ class Recorder:
 def recorder_callback(rec: Recorder):
     """The TrainerCallback that reports to ``rec``: training start, every step's end, and, through forward hooks
     on the model, every micro-batch's inputs (tokens, labels) and loss, and when its step's first forward began."""
+    import torch
     from transformers import TrainerCallback
 
     class RecorderCallback(TrainerCallback):
@@ -162,8 +163,9 @@ def recorder_callback(rec: Recorder):
 
         def on_train_begin(self, args, state, control, model=None, **kw):
             rec.on_train_begin(model)
-            model.register_forward_pre_hook(self._inputs, with_kwargs=True)
-            model.register_forward_hook(self._output)
+            # eager under training.torch_compile: timers and token counts are not graph material
+            model.register_forward_pre_hook(torch.compiler.disable(self._inputs), with_kwargs=True)
+            model.register_forward_hook(torch.compiler.disable(self._output))
             self.last_end = time.perf_counter()
 
         def _inputs(self, module, args, kwargs):

@@ -418,3 +418,53 @@ def test_compiled_model_does_not_recompile_for_a_new_packing_layout():
     finally:
         dynamo.reset()
     assert torch.allclose(first.loss, eager, atol=1e-5)
+
+
+def test_compiled_model_with_lora_dropout_does_not_recompile_for_new_label_counts():
+    """training.torch_compile on sft's default path (fused LoRA linear with the CPU dropout mask, chunked loss):
+    batches whose prompts mask a different number of labels must reuse the compiled graphs. Before, the chunked
+    loss's labelled-row count became a guard (one recompile per step: a 4-step OPT-125m bench cell was still
+    compiling its second step after 10 minutes) and the mask's 64-bit draws broke the graph inside the LoRA
+    function. Dynamo's error_on_recompile fails the test on any recompilation; the compiled loss must equal the
+    eager one with the same dropout masks."""
+    import torch._dynamo as dynamo
+    from peft import LoraConfig, get_peft_model
+
+    from sft.ops.dropout import install_fast_dropout
+    from sft.ops.lora import install_fused_lora
+
+    model = build_random("tiny-llama", 0)
+    set_base_dropout(model, 0.0)
+    model.set_attn_implementation(resolve_attention("sft_varlen"))
+    install_chunked_loss(model)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"]))
+    install_fast_dropout(model)
+    assert install_fused_lora(model) > 0
+    model.train()
+    compiled = torch.compile(model, backend="eager")
+    g = torch.Generator().manual_seed(7)
+
+    def batch(prompts):
+        docs = []
+        for n in prompts:  # 16-token documents: the first n tokens are prompt (no label)
+            ids = torch.randint(3, 250, (15,), generator=g).tolist()
+            docs.append((ids, [-100] * n + ids[n:]))
+        (block,) = list(pack_examples(docs, seq_length=48, eos_token_id=2))
+        return {k: torch.tensor(block[k])[None] for k in ("input_ids", "labels", "position_ids")}
+
+    dynamo.reset()
+    try:
+        b0 = batch((3, 5, 9))
+        torch.manual_seed(11)
+        eager = model(**b0).loss
+        torch.manual_seed(11)
+        first = compiled(**b0)
+        first.loss.backward()
+        with dynamo.config.patch(error_on_recompile=True):
+            for prompts in ((1, 2, 3), (10, 0, 4), (14, 14, 6)):
+                out = compiled(**batch(prompts))
+                out.loss.backward()
+                assert torch.isfinite(out.loss)
+    finally:
+        dynamo.reset()
+    assert torch.allclose(first.loss, eager, atol=1e-5)

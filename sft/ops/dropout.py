@@ -58,6 +58,7 @@ class _MaskedScale(torch.autograd.Function):
         return torch.where(keep, grad * ctx.scale, 0), None
 
 
+@torch.compiler.disable  # the 64-bit mask draws break a traced graph (torch.compile): run it eagerly
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)``, with the cheaper mask on CPU."""
     if not training or p <= 0.0 or p >= 1.0 or x.device.type != "cpu" or round(p * LANES) == 0:

@@ -104,6 +104,9 @@ def _plain_adapter(module) -> str | None:
     return name
 
 
+# Not traced by torch.compile: the dropout mask's 64-bit draws are a graph break inside the autograd function (dynamo
+# then gives up on the whole function and recompiles around it); the function is already one hand-written op.
+@torch.compiler.disable
 def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``lora.Linear.forward`` through :class:`_LoraLinear` where it applies (see the module docstring)."""
     name = None
