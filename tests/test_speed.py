@@ -384,19 +384,40 @@ def test_varlen_attention_in_bf16_upcast_or_not(monkeypatch, upcast):
     assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
 
 
+def _compiled_without_recompiles(model, first: dict, later: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eager loss, compiled loss) of ``first`` (the same dropout draws for both), after which every batch of
+    ``later`` must run forward and backward through ``torch.compile(model)`` without a recompilation: dynamo's own
+    check (error_on_recompile) raises on any. The eager backend keeps it fast (recompiles happen in dynamo)."""
+    import torch._dynamo as dynamo
+
+    compiled = torch.compile(model, backend="eager")
+    dynamo.reset()
+    try:
+        torch.manual_seed(11)
+        eager = model(**first).loss
+        torch.manual_seed(11)
+        out = compiled(**first)
+        out.loss.backward()
+        with dynamo.config.patch(error_on_recompile=True):
+            for b in later:
+                nxt = compiled(**b)
+                nxt.loss.backward()
+                assert torch.isfinite(nxt.loss)
+    finally:
+        dynamo.reset()
+    return eager, out.loss
+
+
 def test_compiled_model_does_not_recompile_for_a_new_packing_layout():
     """training.torch_compile with sft_varlen: a second batch whose documents have other lengths must reuse the
     compiled graphs. Before, the per-document split sizes became guards and every new layout recompiled (a 3-step
     OPT-125m bench cell spent 195-464 s per step recompiling). Dynamo's own recompile check (error_on_recompile)
-    fails the test on any recompilation; the eager backend keeps it fast (recompiles happen in dynamo)."""
-    import torch._dynamo as dynamo
-
+    fails the test on any recompilation."""
     model = build_random("tiny-llama", 0)
     set_base_dropout(model, 0.0)
     model.set_attn_implementation(resolve_attention("sft_varlen"))
     model.train()
     install_chunked_loss(model)
-    compiled = torch.compile(model, backend="eager")
     g = torch.Generator().manual_seed(5)
 
     def batch(lengths):
@@ -404,20 +425,10 @@ def test_compiled_model_does_not_recompile_for_a_new_packing_layout():
         (block,) = list(pack_examples([(d, d) for d in docs], seq_length=48, eos_token_id=2))
         return {k: torch.tensor(block[k])[None] for k in ("input_ids", "labels", "position_ids")}
 
-    dynamo.reset()
-    try:
-        b0 = batch((11, 17, 17))  # each layout fills the 48-token block exactly (documents + their EOS)
-        eager = model(**b0).loss
-        first = compiled(**b0)
-        first.loss.backward()
-        with dynamo.config.patch(error_on_recompile=True):
-            for lengths in ((5, 30, 10), (20, 26), (47,)):
-                out = compiled(**batch(lengths))
-                out.loss.backward()
-                assert torch.isfinite(out.loss)
-    finally:
-        dynamo.reset()
-    assert torch.allclose(first.loss, eager, atol=1e-5)
+    # each layout fills the 48-token block exactly (documents + their EOS)
+    eager, compiled = _compiled_without_recompiles(model, batch((11, 17, 17)),
+                                                   [batch(n) for n in ((5, 30, 10), (20, 26), (47,))])
+    assert torch.allclose(compiled, eager, atol=1e-5)
 
 
 def test_compiled_model_with_lora_dropout_does_not_recompile_for_new_label_counts():
@@ -427,7 +438,6 @@ def test_compiled_model_with_lora_dropout_does_not_recompile_for_new_label_count
     compiling its second step after 10 minutes) and the mask's 64-bit draws broke the graph inside the LoRA
     function. Dynamo's error_on_recompile fails the test on any recompilation; the compiled loss must equal the
     eager one with the same dropout masks."""
-    import torch._dynamo as dynamo
     from peft import LoraConfig, get_peft_model
 
     from sft.ops.dropout import install_fast_dropout
@@ -441,7 +451,6 @@ def test_compiled_model_with_lora_dropout_does_not_recompile_for_new_label_count
     install_fast_dropout(model)
     assert install_fused_lora(model) > 0
     model.train()
-    compiled = torch.compile(model, backend="eager")
     g = torch.Generator().manual_seed(7)
 
     def batch(prompts):
@@ -452,19 +461,6 @@ def test_compiled_model_with_lora_dropout_does_not_recompile_for_new_label_count
         (block,) = list(pack_examples(docs, seq_length=48, eos_token_id=2))
         return {k: torch.tensor(block[k])[None] for k in ("input_ids", "labels", "position_ids")}
 
-    dynamo.reset()
-    try:
-        b0 = batch((3, 5, 9))
-        torch.manual_seed(11)
-        eager = model(**b0).loss
-        torch.manual_seed(11)
-        first = compiled(**b0)
-        first.loss.backward()
-        with dynamo.config.patch(error_on_recompile=True):
-            for prompts in ((1, 2, 3), (10, 0, 4), (14, 14, 6)):
-                out = compiled(**batch(prompts))
-                out.loss.backward()
-                assert torch.isfinite(out.loss)
-    finally:
-        dynamo.reset()
-    assert torch.allclose(first.loss, eager, atol=1e-5)
+    eager, compiled = _compiled_without_recompiles(model, batch((3, 5, 9)),
+                                                   [batch(n) for n in ((1, 2, 3), (10, 0, 4), (14, 14, 6))])
+    assert torch.allclose(compiled, eager, atol=1e-5)
