@@ -170,10 +170,14 @@ def _want_check(check: bool | str, need_bytes: int | None) -> bool:
     return True
 
 
-def _check_merged(merged_dir: Path, probe: torch.Tensor, reference: torch.Tensor,
-                  save_dtype: torch.dtype) -> tuple[float, float]:
-    """Reload the merged model and compare its logits with ``reference``: ``(max |diff|, max |reference|)``, or a
-    MergeError when they differ by more than the tolerance."""
+def _check_error(max_diff: float, tol: float) -> MergeError:
+    return MergeError(f"merged model's logits differ from the adapter model's by {max_diff:.3g} (tolerance "
+                      f"{tol:.3g}); the merge is wrong and was not written")
+
+
+def _merged_diff(merged_dir: Path, probe: torch.Tensor, reference: torch.Tensor,
+                 save_dtype: torch.dtype) -> tuple[float, float, float]:
+    """Reload the merged model: ``(max |logits - reference|, max |reference|, the tolerance for save_dtype)``."""
     from sft.models.pretrained import load_pretrained
 
     try:
@@ -186,10 +190,4 @@ def _check_merged(merged_dir: Path, probe: torch.Tensor, reference: torch.Tensor
     gc.collect()
     max_diff = (got - reference).abs().max().item()
     max_ref = reference.abs().max().item()
-    tol = _tolerance(save_dtype, max_ref)
-    if not max_diff <= tol:
-        raise MergeError(
-            f"merged model's logits differ from the adapter model's by {max_diff:.3g} (tolerance {tol:.3g}); "
-            f"the merge is wrong and was not written"
-        )
-    return max_diff, max_ref
+    return max_diff, max_ref, _tolerance(save_dtype, max_ref)
