@@ -297,14 +297,14 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, overwrite: bool 
                     ref.model = _reference(adapter_dir, model_cfg, quant_cfg, seed, base_dir, tokenizer, False,
                                            True).model
                 shards = _write_merged(plan, ref, tmp, model_cfg, quant_cfg, torch.float32, tokenizer, nf4_onto)
-                got = _merged_diff(tmp, ref.probe, ref.logits, torch.float32)
-                if got[0] <= got[2]:
+                diff32, ref32, tol32 = _merged_diff(tmp, ref.probe, ref.logits, torch.float32)
+                if diff32 <= tol32:
                     log.warning("merge: stored in %s, the merged model's logits moved by %.3g (tolerance %.3g); in "
                                 "float32 they match the adapter model's (max |diff| %.2g): the adapter's updates are "
                                 "below bf16 resolution for many weights (a short or low-learning-rate run). Wrote "
                                 "the merged model in float32 (twice the size).",
-                                str(save_dtype).replace("torch.", ""), max_diff, tol, got[0])
-                    (max_diff, max_ref, tol), save_dtype = got, torch.float32
+                                str(save_dtype).replace("torch.", ""), max_diff, tol, diff32)
+                    max_diff, max_ref, tol, save_dtype = diff32, ref32, tol32, torch.float32
             if not max_diff <= tol:
                 raise _check_error(max_diff, tol)
         if out_dir.exists():
