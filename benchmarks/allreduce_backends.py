@@ -135,6 +135,11 @@ def rank_main(args) -> int:
     t0 = time.perf_counter()
     op = {"gloo": _init_gloo, "ds-shm": _init_ds_shm, "ds-ccl": _init_ds_ccl}[backend]()
     init_s = time.perf_counter() - t0
+    if backend != "gloo":  # DeepSpeed never unlinks its /dev/shm buffers: once all ranks mapped them, sft does
+        from sft.dist import release_deepspeed_shm
+
+        dist.barrier()
+        release_deepspeed_shm()
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     results = {"backend": backend, "init_s": init_s, "samples": {}, "checks": {}, "paths": {}}

@@ -36,12 +36,20 @@ def _ccl_root() -> str | None:
     return None
 
 
+def shm_segments() -> set[str]:
+    """DeepSpeed's shared-memory all-reduce buffers now in /dev/shm (66 MB each, one per local rank)."""
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def _run(backend: str, tmp_path: Path, limit: int = 55) -> dict:
+    before = shm_segments()
     out = tmp_path / "r.json"
     cmd = [sys.executable, str(SCRIPT), "--backends", backend, "--sizes-mb", "1", "--iters", "2", "--warmup", "1",
            "--rounds", "1", "--timeout", str(limit), "--output", "", "--json", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit + 5)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    left = shm_segments() - before
+    assert not left, f"{backend} left shared memory behind: {sorted(left)}"
     data = json.loads(out.read_text())
     assert backend not in data["errors"], data["errors"].get(backend, {}).get("detail")
     return data["results"][backend]

@@ -8,7 +8,10 @@ Each cell, on a tiny random Llama in fp32 (QLoRA computes in fp32 too, so losses
   * writes the adapter, merges once on rank 0, and passes the merged-logits self-check;
   * has the same per-step losses as DDP at the same global batch (<= 1e-5 relative);
   * is SIGKILLed after its step-2 checkpoint, resumes with training.resume=auto, and ends with the same adapter
-    as the uninterrupted run.
+    as the uninterrupted run;
+  * leaves no shared memory behind, killed or not. DeepSpeed cells run with LOCAL_SIZE=2, as DeepSpeed's own
+    launcher sets it: DeepSpeed then maps a 66 MB /dev/shm/deepspeed_allreduce_buffer_* per rank for its CPU
+    all-reduce, and never unlinks it.
 Measured figures are written to $SFT_MATRIX_REPORT (if set) as JSON lines, for the README / notes.
 """
 
@@ -24,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from sft.data.ingest import write_dataset
+from tests.test_cpu_deepspeed import shm_segments
 from tests.test_distributed import free_port
 
 pytest.importorskip("deepspeed")
@@ -69,6 +73,8 @@ def _train(work: Path, cell: str, quant: str, out: str, extra_env: dict | None =
     env.pop("ACCELERATE_USE_CPU", None)
     if cell in ("ddp", "fsdp"):
         env["ACCELERATE_USE_CPU"] = "true"  # DeepSpeed on CPU goes through its own accelerator instead
+    else:
+        env["LOCAL_SIZE"] = "2"  # what `deepspeed` (the launcher) sets: DeepSpeed's shared-memory all-reduce
     env.update(extra_env or {})
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
            "--num_processes", "2", "--main_process_port", str(free_port()),
@@ -81,9 +87,13 @@ def _train(work: Path, cell: str, quant: str, out: str, extra_env: dict | None =
            "training.warmup_steps=0", "lora.dropout=0.0", "lora.target_modules=[all-linear]",
            f"training.output_dir={work / out}", f"quantization.mode={quant}", "quantization.compute_dtype=fp32",
            *extra]
+    before = shm_segments()
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    return proc, time.monotonic() - t0
+    seconds = time.monotonic() - t0
+    left = shm_segments() - before
+    assert not left, f"{cell}-{quant} (exit {proc.returncode}) left shared memory behind: {sorted(left)}"
+    return proc, seconds
 
 
 def _summary(work: Path, out: str) -> dict:
