@@ -54,6 +54,11 @@ class Recorder:
         self.rss_max_at_steps = 0
         self.flops: dict[str, float] = {}
         self.params: dict[str, int] = {}
+        # what `gradient_checkpointing: auto` plans with (a share of it): recorded, since a machine with less free
+        # memory keeps fewer layers and runs slower on the same code
+        from sft.models.memory import available_memory_bytes
+
+        self.mem_available_bytes = available_memory_bytes()
 
     # -- called from the Trainer
     def on_train_begin(self, model) -> None:
@@ -145,6 +150,7 @@ class Recorder:
             "flops": self.flops,
             "params": self.params,
             "checkpointing": getattr(self, "checkpointing", None),
+            "mem_available_bytes": self.mem_available_bytes,
             "allocator": allocator_loaded(),
         }
 

@@ -65,6 +65,9 @@ def aggregate(results: list[dict], warmup: int, steps: int, peak: dict | None) -
         "loss_last": losses[-1] if losses else float("nan"),
         "backend": r0.get("backend"),
         "allocator": r0.get("allocator"),  # what the cell's process ran on (sft.allocator.loaded)
+        # the share of decoder layers that recompute (True/False: all/none), and the memory `auto` planned with
+        "checkpointing": r0.get("checkpointing"),
+        "mem_available_bytes": min((r.get("mem_available_bytes") or 0) for r in results) or None,
     }
     if "cuda_max_allocated_bytes" in r0:
         m["cuda_max_allocated_bytes"] = max(r["cuda_max_allocated_bytes"] for r in results)

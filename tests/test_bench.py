@@ -310,6 +310,8 @@ def test_smoke_metrics_present_and_sensible(smoke_run):
         assert r["amx_bf16"] in (True, False) and r["avx512_bf16"] in (True, False) and r["threads"] >= 1
         assert r["commit"] == r["machine"]["git"]["commit"] and r["repeat"] == 0 and r["order"] == "forward"
         assert _finite_positive(r["peak"]["peak_flops"]) and r["peak"]["peak_dtype"] in ("bf16", "fp32")
+        # what checkpointing ran (auto's share of recomputed layers) and the memory it planned with
+        assert 0 <= float(m["checkpointing"]) <= 1 and _finite_positive(m["mem_available_bytes"])
     assert ok[0]["ratios"]["tokens_per_s"] == 1.0
 
 
