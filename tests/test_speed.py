@@ -157,6 +157,19 @@ def test_checkpointing_auto_spends_what_the_chunked_loss_saves():
     assert choose_checkpointing(cfg, tokens, "fp32", chunked_loss=False, available=64 * 2**30) == 0
 
 
+def test_checkpointing_auto_says_when_free_memory_caps_it(caplog):
+    """A machine short of free memory keeps fewer layers, so the same run is slower there: auto warns, naming the
+    memory it saw and the layers it would have kept."""
+    cfg, tokens = arch_config("opt-125m"), 8 * 512
+    with caplog.at_level("WARNING", logger="sft.models.memory"):
+        assert choose_checkpointing(cfg, tokens, "fp32", available=64 * 2**30) == 12
+        assert not caplog.records
+        keep = choose_checkpointing(cfg, tokens, "fp32", available=4 * 2**30)
+    assert len(caplog.records) == 1
+    msg = caplog.records[0].getMessage()
+    assert "4.00 GiB of memory is available" in msg and f"{keep} layers keep their activations instead of 12" in msg
+
+
 def test_checkpointing_auto_in_fp32_stays_under_the_plain_loss_path():
     """Measured 2026-12-06 on the 2-core AMD EPYC (`sft bench --set dtype=fp32`, 8 x 512 tokens, LoRA r16 q/v,
     1 repeat): peak RSS with every layer recomputed / none / the model's own loss with every layer recomputed /
