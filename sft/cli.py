@@ -108,11 +108,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # the demo task plugs in through the public API: its data, and its exact-match accuracy as run hooks
     if cfg.demo.generate:
-        demo.prepare_data(cfg)
+        demo.prepare_data(cfg, users=_datasets_given(args.overrides))
     summary = train(cfg, callbacks=demo.hooks(cfg))
     if dist.is_main_process():
         print_summary(summary)
     return 0
+
+
+def _datasets_given(overrides: list[str]) -> set[str]:
+    """The dataset fields (data.path, data.eval_path) set on the command line, unless demo.generate is set there
+    too: those name the user's own data, which the demo config's demo.generate must not write the demo task into."""
+    from sft.config.load import apply_overrides
+
+    given = apply_overrides({}, overrides)
+    if "generate" in given.get("demo", {}):
+        return set()
+    return {f"data.{k}" for k in ("path", "eval_path") if k in given.get("data", {})}
 
 
 def _parse_map(items: list[str] | None) -> dict[str, str]:

@@ -419,6 +419,30 @@ def test_missing_data_path(sft, tmp_path, good_ds, no_model_load):
     assert_nothing_left(tmp_path / "out")
 
 
+def test_demo_config_never_writes_the_demo_task_into_a_data_path_given_on_the_command_line(sft, tmp_path,
+                                                                                          no_model_load):
+    """The demo config has demo.generate: true. A user who points it at their own (mistyped, or not yet ingested)
+    dataset gets the missing-dataset error, not the demo task written there and trained on; demo.generate=true on
+    the command line still asks for it explicitly."""
+    nope, also = tmp_path / "my-data", tmp_path / "my-eval"
+    args = [a for a in train_args(tmp_path / "out", nope) if a not in ("demo.generate=false", "data.eval_path=null")]
+    r = sft(*args, f"data.eval_path={also}")
+    assert r.rc == 2 and f"dataset {nope} does not exist. Create one with `sft ingest FILE --out {nope}`." in r.err
+    assert "demo.generate=true" in r.out + r.err  # says how to ask for the demo task there
+    assert not nope.exists() and not also.exists()
+    assert_nothing_left(tmp_path / "out")
+
+
+def test_which_command_line_datasets_are_the_users():
+    from sft.cli import _datasets_given
+
+    assert _datasets_given(["data.path=a", "data.eval_path=b", "training.max_steps=1"]) == {"data.path",
+                                                                                           "data.eval_path"}
+    assert _datasets_given(["eval_path=b"]) == {"data.eval_path"}  # a bare key of one section
+    assert _datasets_given(["data.path=a", "demo.generate=true"]) == set()  # asked for the demo task there
+    assert _datasets_given(["training.output_dir=o"]) == set()
+
+
 def test_missing_config_file(sft, tmp_path):
     r = sft("train", "--config", tmp_path / "nope.yaml")
     assert r.rc == 2 and f"config file {tmp_path / 'nope.yaml'} not found; pass a YAML path or one of: " in r.err

@@ -220,7 +220,9 @@ class DemoConfig:
     """The built-in demo task (sft/demo): generated data, and held-out exact-match accuracy of greedy answers."""
 
     generate: bool = _f(
-        False, "Generate the built-in demo task (sft/demo) into data.path / data.eval_path when they do not exist."
+        False, "Generate the built-in demo task (sft/demo) into data.path / data.eval_path when they do not exist. "
+        "`sft train` never generates into a path given on its command line, unless demo.generate=true is given "
+        "there too."
     )
     train_rows: int = _f(4000, "Rows of the generated demo train split.", min=1)
     test_rows: int = _f(500, "Rows of the generated demo test split.", min=1)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from sft import dist
@@ -20,8 +21,15 @@ from sft.demo.task import exact_match, generate_examples, ledger_format
 __all__ = ["ExactMatch", "exact_match", "generate_examples", "hooks", "ledger_format", "prepare_data"]
 
 
-def prepare_data(cfg: RunConfig) -> None:
-    """Generate the demo task into data.path / data.eval_path where they do not exist (rank 0; others wait)."""
+def prepare_data(cfg: RunConfig, users: Collection[str] = ()) -> None:
+    """Generate the demo task into data.path / data.eval_path where they do not exist (rank 0; others wait).
+
+    ``users``: the fields among ``data.path`` / ``data.eval_path`` that name the user's own dataset (``sft train``
+    passes those given on its command line without ``demo.generate``); a missing one is left missing, so that the
+    run stops with the missing-dataset error instead of writing the demo task there (an object store bucket, or a
+    mistyped path) and training on it."""
+    import sys
+
     import torch
 
     from sft.data.ingest import write_dataset
@@ -30,8 +38,14 @@ def prepare_data(cfg: RunConfig) -> None:
     dist.init_process_group_if_needed(timeout_s=cfg.training.dist_timeout_s,
                                       device="cuda" if torch.cuda.is_available() else "cpu")
     if dist.is_main_process():
-        for path, split, n in ((cfg.data.path, "train", cfg.demo.train_rows),
-                               (cfg.data.eval_path, "test", cfg.demo.test_rows)):
+        for field, path, split, n in (("data.path", cfg.data.path, "train", cfg.demo.train_rows),
+                                      ("data.eval_path", cfg.data.eval_path, "test", cfg.demo.test_rows)):
+            if field in users:
+                if path and not Path(path).exists():
+                    print(f"demo: {field}={path} was given on the command line, so it is read as your dataset and "
+                          f"the demo task is not generated there (add demo.generate=true to generate it there)",
+                          file=sys.stderr)
+                continue
             if path and not Path(path).exists():
                 rows = generate_examples(n, seed=cfg.training.seed, split=split)
                 write_dataset(path, rows, progress=cfg.training.progress)
