@@ -433,6 +433,13 @@ def test_demo_config_never_writes_the_demo_task_into_a_data_path_given_on_the_co
     assert_nothing_left(tmp_path / "out")
 
 
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_max_steps_is_steps_or_minus_one(sft, tmp_path, good_ds, no_model_load, steps):
+    r = sft(*train_args(tmp_path / "out", good_ds, f"training.max_steps={steps}"))
+    assert r.rc == 2 and f"training.max_steps: {steps} is neither a number of optimizer steps (> 0) nor -1" in r.err
+    assert_nothing_left(tmp_path / "out")
+
+
 def test_which_command_line_datasets_are_the_users():
     from sft.cli import _datasets_given
 

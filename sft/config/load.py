@@ -155,6 +155,9 @@ def _check_consistency(cfg: RunConfig) -> None:
         raise ConfigError("training.eval_steps: must be > 0 when training.eval_strategy is 'steps'")
     if t.save_strategy == "steps" and t.save_steps <= 0:
         raise ConfigError("training.save_steps: must be > 0 when training.save_strategy is 'steps'")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"training.max_steps: {t.max_steps} is neither a number of optimizer steps (> 0) nor -1 "
+                          "(train training.num_epochs instead)")
     if t.max_steps <= 0 and t.num_epochs <= 0:
         raise ConfigError("training.num_epochs: must be > 0 unless training.max_steps is set")
     if not cfg.lora.target_modules:

@@ -168,7 +168,7 @@ class DataConfig:
 class TrainingConfig:
     output_dir: str = _f("outputs/run", "Where checkpoints, the adapter, the merged model and metadata go.")
     num_epochs: float = _f(1.0, "Epochs over the training data (ignored when max_steps > 0).", min=0)
-    max_steps: int = _f(-1, "Stop after this many optimizer steps (> 0 overrides num_epochs).")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (> 0 overrides num_epochs; -1: train num_epochs).")
     per_device_train_batch_size: int = _f(8, "Packed sequences per rank per micro-step.", min=1)
     per_device_eval_batch_size: int = _f(8, "Packed sequences per rank per evaluation step.", min=1)
     gradient_accumulation_steps: int = _f(1, "Micro-steps per optimizer step.", min=1)
