@@ -35,6 +35,21 @@ def _quiet_environment() -> None:
     os.environ.setdefault("DEEPLAKE_TELEMETRY", "0")
     os.environ.setdefault("BNB_DISABLE_KERNELS_HUB", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in _KERNEL_HUB_LOGGERS:
+        logging.getLogger(name).addFilter(_offline_kernel_hub_notes)
+
+
+#: bitsandbytes 0.50 on a CPU with AVX512-BF16 asks the Hub for a CPU NF4 kernel (kernels-community) as it is
+#: imported, which peft does in every run. In sft's offline mode that fails with two WARNING lines on every run
+#: (the `kernels` package's and bitsandbytes'), about nothing the user asked for or can act on: bitsandbytes then
+#: uses its own CPU kernels. BNB_DISABLE_KERNELS_HUB above is what older versions read; 0.50.2 reads no switch.
+_KERNEL_HUB_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+
+
+def _offline_kernel_hub_notes(record: logging.LogRecord) -> bool:
+    """Logging filter: drop the kernels-community notes while the Hub is offline (online, they stay)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("", "0", "false", "no")
+    return not (offline and "kernels-community" in record.getMessage())
 
 
 def _offline_unless_hub(*names: str | None) -> None:

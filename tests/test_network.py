@@ -207,6 +207,13 @@ def test_offline_mode_and_telemetry_switches(pipeline):
         assert rec.get("deeplake_telemetry_endpoint", "") == "", rec
 
 
+def test_offline_runs_print_no_kernel_hub_notes(pipeline):
+    """bitsandbytes 0.50 asks the Hub for a CPU NF4 kernel when imported on a CPU with AVX512-BF16; offline that
+    printed two WARNING lines in every run (only such CPUs make the request, so elsewhere this checks nothing)."""
+    for name, p, _, _ in pipeline:
+        assert "kernels-community" not in p.stdout + p.stderr, (name, p.stderr[-3000:])
+
+
 def test_a_hub_model_is_the_only_thing_that_reaches_out(blocked, pipeline):
     """A config naming a hub id is allowed its hub look-up (offline mode stays off), and nothing else; without a
     network that is one failed DNS query and an error naming the local alternatives."""
