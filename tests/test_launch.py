@@ -599,15 +599,25 @@ def test_ds_ccl_init_gloo_first_then_deepspeed_ccl(monkeypatch):
     monkeypatch.setattr(dist, "get_rank", lambda *a: 1)
     monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
     monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    shm = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{_free_port()}_1")
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append(("barrier", shm.exists())))
     for v in sd.RANK_VARS + sd.WORLD_SIZE_VARS + sd.LOCAL_RANK_VARS + sd.LOCAL_SIZE_VARS:
         monkeypatch.delenv(v, raising=False)
     for k, v in {"SFT_BACKEND": "ds-ccl", "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "CCL_ROOT": "/opt/ccl", "ACCELERATE_USE_CPU": "true"}.items():
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": shm.name.split("_")[-2], "CCL_ROOT": "/opt/ccl",
+                 "ACCELERATE_USE_CPU": "true"}.items():
         monkeypatch.setenv(k, v)
     for k in ("CCL_LOCAL_RANK", "CCL_LOCAL_SIZE", "LOCAL_SIZE", "DS_ACCELERATOR", "CCL_PROCESS_LAUNCHER"):
         monkeypatch.delenv(k, raising=False)
-    assert sd.init_process_group_if_needed(60) is True
-    assert calls == [("init_process_group", "gloo"), ("deepspeed.init_distributed", "ccl", "ccl")]
+    shm.write_bytes(b"")  # what DeepSpeed's shm op creates for rank 1 (and never unlinks)
+    try:
+        assert sd.init_process_group_if_needed(60) is True
+    finally:
+        left = shm.exists()
+        shm.unlink(missing_ok=True)
+    # DeepSpeed's init, a barrier (every rank has mapped its peers' buffers), then this rank's buffer unlinked
+    assert calls == [("init_process_group", "gloo"), ("deepspeed.init_distributed", "ccl", "ccl"), ("barrier", True)]
+    assert not left
     assert "ACCELERATE_USE_CPU" not in os.environ  # removed, never set
     assert os.environ["DS_ACCELERATOR"] == "cpu" and os.environ["CCL_LOCAL_RANK"] == "1" and os.environ["LOCAL_SIZE"] == "2"
     meta = sd.run_metadata()
