@@ -15,6 +15,6 @@ __all__ = [
     "CPU_BACKENDS", "DEFAULT_TIMEOUT_S", "EXPERIMENTAL_BACKENDS", "LOCAL_RANK_VARS", "LOCAL_SIZE_VARS", "RANK_VARS",
     "WORLD_SIZE_VARS", "DistInfo", "all_gather_concat", "all_reduce_max_flag", "all_reduce_min_int", "all_reduce_sum",
     "barrier", "choose_backend", "deepspeed_launch", "device", "dist_info", "enable_fsdp_on_cpu", "explain_failure",
-    "fsdp_launch", "init_process_group_if_needed", "is_initialized", "is_main_process", "release_deepspeed_shm", "run_metadata",
-    "set_phase", "sharded_launch", "start_watchdog", "stop_watchdog", "zero3_init",
+    "fsdp_launch", "init_process_group_if_needed", "is_initialized", "is_main_process", "release_deepspeed_shm",
+    "run_metadata", "set_phase", "sharded_launch", "start_watchdog", "stop_watchdog", "zero3_init",
 ]
