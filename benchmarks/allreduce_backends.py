@@ -138,7 +138,6 @@ def rank_main(args) -> int:
     if backend != "gloo":  # DeepSpeed never unlinks its /dev/shm buffers: once all ranks mapped them, sft does
         from sft.dist import release_deepspeed_shm
 
-        dist.barrier()
         release_deepspeed_shm()
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -30,7 +30,8 @@ def run(tmp_path_factory):
     proc = subprocess.run([
         sys.executable, "-m", "sft.cli", "train", "--config", "demo",
         "model.name=arch:tiny-llama", "model.dtype=fp32", f"data.path={work / 'train'}",
-        f"data.eval_path={work / 'test'}", "demo.generate=true", "demo.train_rows=80", "demo.test_rows=24", "data.seq_length=64",
+        f"data.eval_path={work / 'test'}", "demo.generate=true", "demo.train_rows=80", "demo.test_rows=24",
+        "data.seq_length=64",
         f"training.max_steps={STEPS}", f"training.logging_steps={LOG_EVERY}", "training.eval_strategy=steps",
         f"training.eval_steps={EVAL_EVERY}", "demo.accuracy_samples=4", "demo.max_new_tokens=4",
         "training.report_to=[tensorboard,mlflow,wandb]", "training.export_gguf=q8_0", "training.progress=false",

@@ -40,13 +40,13 @@ def prepare_data(cfg: RunConfig, users: Collection[str] = ()) -> None:
     if dist.is_main_process():
         for field, path, split, n in (("data.path", cfg.data.path, "train", cfg.demo.train_rows),
                                       ("data.eval_path", cfg.data.eval_path, "test", cfg.demo.test_rows)):
-            if field in users:
-                if path and not Path(path).exists():
-                    print(f"demo: {field}={path} was given on the command line, so it is read as your dataset and "
-                          f"the demo task is not generated there (add demo.generate=true to generate it there)",
-                          file=sys.stderr)
+            if not path or Path(path).exists():
                 continue
-            if path and not Path(path).exists():
+            if field in users:
+                print(f"demo: {field}={path} was given on the command line, so it is read as your dataset and "
+                      f"the demo task is not generated there (add demo.generate=true to generate it there)",
+                      file=sys.stderr)
+            else:
                 rows = generate_examples(n, seed=cfg.training.seed, split=split)
                 write_dataset(path, rows, progress=cfg.training.progress)
                 print(f"demo: wrote {n} {split} rows to {path}")

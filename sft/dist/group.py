@@ -138,7 +138,6 @@ def init_process_group_if_needed(timeout_s: int = DEFAULT_TIMEOUT_S, device: str
 
         PartialState(backend=backend, timeout=timeout)
     if ds_ccl or (cpu and deepspeed_launch()):
-        barrier()  # every rank is past DeepSpeed's init, so every peer's shared memory is mapped
         release_deepspeed_shm()
     return True
 
@@ -147,10 +146,10 @@ def init_process_group_if_needed(timeout_s: int = DEFAULT_TIMEOUT_S, device: str
 DEEPSPEED_SHM_PREFIX = "deepspeed_allreduce_buffer"
 
 
-def deepspeed_shm_path(rank: int, environ=os.environ) -> Path:
+def deepspeed_shm_path(rank: int) -> Path:
     """This rank's DeepSpeed shared-memory all-reduce buffer, named as DeepSpeed names it:
     /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>."""
-    addr, port = environ.get("MASTER_ADDR", ""), environ.get("MASTER_PORT", "")
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     return Path("/dev/shm") / f"{DEEPSPEED_SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}"
 
 
@@ -163,10 +162,11 @@ def release_deepspeed_shm() -> Path | None:
     its shared_close is never called). Every such run, finished or killed, left 66 MB of RAM per rank behind:
     264 buffers, 18 GB of this 24 GB machine's RAM, after one day of tests and benchmarks. DeepSpeed's init
     returns only once this rank has mapped every peer's buffer and nothing opens them by name later, so once
-    every rank is past the init (a barrier), each unlinks its own name and the memory goes with the last process.
-    Call it on every rank, after that barrier. Returns the path it unlinked, if there was one."""
+    every rank is past the init (the barrier here), each unlinks its own name and the memory goes with the last
+    process. A collective: call it on every rank, after DeepSpeed's init. Returns the path it unlinked, if any."""
     if not is_initialized():
         return None
+    barrier()
     path = deepspeed_shm_path(tdist.get_rank())
     try:
         path.unlink()

@@ -96,11 +96,12 @@ def choose_checkpointing(config, tokens_per_micro_batch: int, dtype: str, quant_
     keep = max(0, min(layers, budget // per_layer))
     log.info("gradient_checkpointing auto: %d of %d layers keep activations (~%.2f GiB each; budget %.2f GiB)",
              keep, layers, per_layer / 2**30, budget / 2**30)
-    if avail > 0 and budget < saved and keep < min(layers, saved // per_layer):
+    wanted = min(layers, saved // per_layer)  # what the saved memory alone would keep
+    if avail > 0 and keep < wanted:
         log.warning("gradient_checkpointing auto: only %.2f GiB of memory is available, so %d layers keep their "
                     "activations instead of %d (the budget is capped at %.0f%% of it); free memory (or set "
                     "model.gradient_checkpointing explicitly) for a faster, reproducible step",
-                    avail / 2**30, keep, min(layers, saved // per_layer), fraction * 100)
+                    avail / 2**30, keep, wanted, fraction * 100)
     return int(keep)
 
 
