@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from sft.errors import ModelError
+from sft.hooks import RunHooks
 
 
 @torch.no_grad()
@@ -87,3 +88,59 @@ def generate(model: str, prompts: list[str], max_new_tokens: int = 32, template:
     out = generate_texts(m, tokenizer, texts, max_new_tokens=max_new_tokens,
                          add_special_tokens=raw or template == "default")
     return [t.strip() for t in out]
+
+
+def answer_as_trained(model, tokenizer, question: str, template: str, max_new_tokens: int) -> str:
+    """One greedy answer to ``question``, prompted exactly as training formatted it (``data.template``)."""
+    from sft.data.formatting import prompt_text
+
+    text = generate_texts(model, tokenizer, [prompt_text(tokenizer, question, template)],
+                          max_new_tokens=max_new_tokens, add_special_tokens=template == "default")[0]
+    return text.strip()
+
+
+def load_merged(merged_dir: str | Path):
+    """(model, tokenizer) of a merged model directory, reloaded from disk in fp32 the way a user would."""
+    from transformers import AutoTokenizer
+
+    from sft.models.pretrained import load_pretrained
+
+    model = load_pretrained(merged_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+class FirstAnswer(RunHooks):
+    """A run hook for any run with an eval set: the trained model's answer to the first
+    question of ``data.eval_path``, into ``summary.sample_question`` / ``sample_answer``. From the merged model
+    reloaded from disk when the run merges, else from the adapter model after training (not when it is sharded
+    across ranks: ZeRO-3 / FSDP without a merge)."""
+
+    def __init__(self, cfg, max_new_tokens: int = 64):
+        self.cfg = cfg
+        self.max_new_tokens = max_new_tokens
+        self.question: str | None = None
+
+    def before_training(self, model, tokenizer, summary) -> None:
+        from sft.data.inputs import first_rows
+
+        rows = first_rows(self.cfg, self.cfg.data.eval_path, 1) if self.cfg.data.eval_path else []
+        self.question = rows[0]["question"] if rows else None
+
+    def after_training(self, model, tokenizer, summary) -> None:
+        from sft import dist
+
+        if self.question is None or self.cfg.training.merge or dist.sharded_launch() is not None:
+            return
+        self._answer(model, tokenizer, summary)
+
+    def after_merge(self, merged_dir: Path, summary) -> None:
+        if self.question is not None:
+            self._answer(*load_merged(merged_dir), summary)
+
+    def _answer(self, model, tokenizer, summary) -> None:
+        summary.sample_question = self.question
+        summary.sample_answer = answer_as_trained(model, tokenizer, self.question, self.cfg.data.template,
+                                                  self.max_new_tokens)

@@ -75,7 +75,10 @@ def arguments(cfg: RunConfig, out: Path, max_steps: int, steps_per_epoch: int, h
     from sft.trainer.arguments import training_arguments
 
     def interval(strategy: str, steps: int) -> tuple[str, int]:
-        return ("steps", max(1, steps_per_epoch)) if strategy == "epoch" else (strategy, steps)
+        # "epoch" without a counted epoch (training.max_steps skips the counting pass): once, at the last step,
+        # not every step (which wrote a checkpoint and ran the evaluation after each optimizer step)
+        epoch = steps_per_epoch if steps_per_epoch > 0 else max_steps
+        return ("steps", max(1, epoch)) if strategy == "epoch" else (strategy, steps)
 
     eval_strategy, eval_steps = interval(cfg.training.eval_strategy if has_eval else "no", cfg.training.eval_steps)
     save_strategy, save_steps = interval(cfg.training.save_strategy, cfg.training.save_steps)
@@ -139,6 +142,8 @@ def record_training(summary, trainer, result, timer: StepTimer, losses: list[flo
         evaluated = [h for h in last if "eval_loss" in h and h.get("step") == trainer.state.global_step]
         # the Trainer evaluated at the last step already (eval_steps divides max_steps): do not do it twice
         summary.eval_loss = evaluated[-1]["eval_loss"] if evaluated else trainer.evaluate().get("eval_loss")
+        if summary.eval_loss is not None:
+            summary.eval_perplexity = math.exp(min(summary.eval_loss, 700.0))  # exp overflows a float past ~709
     fpt = flops_per_token(trainer.model, seq_length, checkpointing_fraction(trainer.model))
     summary.model_tflops_per_s = fpt.model * summary.tokens_per_s / 1e12
     return timing

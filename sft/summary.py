@@ -27,6 +27,7 @@ class RunSummary:
     loss_first: float = float("nan")
     loss_last: float = float("nan")
     eval_loss: float | None = None
+    eval_perplexity: float | None = None  # exp(eval_loss): per-token perplexity of the held-out set
     accuracy_before: float | None = None  # held-out accuracy, filled by an evaluation hook (the demo's exact match)
     accuracy_after: float | None = None  # the adapter model (None under ZeRO-3 / FSDP: see accuracy_merged)
     accuracy_merged: float | None = None  # the merged model, reloaded from disk as a user would

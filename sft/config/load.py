@@ -219,6 +219,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+#: The dataset fields that make a run the user's own: naming either starts from the library's defaults, never the
+#: demo's (its data, evaluation, accuracy task, output directory and hyperparameters for a 135M model at 128 tokens).
+DATA_FIELDS = ("path", "eval_path")
+
+
+def names_own_data(overrides: list[str] | None) -> bool:
+    """True when ``overrides`` set ``data.path`` or ``data.eval_path``: a run on the user's own data."""
+    data = apply_overrides({}, overrides or []).get("data", {})
+    return any(k in data for k in DATA_FIELDS)
+
+
 def resolve_config_path(path: str | Path | None) -> Path:
     """A path, or a short name of a shipped config (``demo`` -> configs/train/demo.yaml)."""
     if path is None:
@@ -234,7 +245,13 @@ def resolve_config_path(path: str | Path | None) -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a train YAML (default: the demo), apply overrides, validate."""
+    """Read a train YAML, apply overrides, validate.
+
+    ``path=None``: the embedded demo (configs/train/demo.yaml), unless ``overrides`` name the user's own data
+    (``data.path`` / ``data.eval_path``): then the library's documented defaults (``sft train --help-config``), so
+    that nothing of the demo (its evaluation task, output directory, 128-token blocks) leaks into a real run."""
+    if path is None and names_own_data(overrides):
+        return from_dict(apply_overrides({}, overrides or []))
     p = resolve_config_path(path)
     try:
         raw = yaml.safe_load(p.read_text()) or {}

@@ -42,24 +42,16 @@ class ExactMatch(RunHooks):
     def after_merge(self, merged_dir: Path, summary) -> None:
         """Reload the merged model the way a user would: answer one held-out question, and measure accuracy on the
         same rows as before training."""
-        from transformers import AutoTokenizer
-
-        from sft.data.formatting import prompt_text
-        from sft.generation import generate_texts
-        from sft.models.pretrained import load_pretrained
+        from sft.generation import answer_as_trained, load_merged
 
         if not self.rows:
             return
         cfg = self.cfg
-        model = load_pretrained(merged_dir, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        model, tokenizer = load_merged(merged_dir)
         question = self.rows[0]["question"]
-        text = generate_texts(model, tokenizer, [prompt_text(tokenizer, question, cfg.data.template)],
-                              max_new_tokens=cfg.demo.max_new_tokens,
-                              add_special_tokens=cfg.data.template == "default")[0]
-        summary.sample_question, summary.sample_answer = question, text.strip()
+        summary.sample_question = question
+        summary.sample_answer = answer_as_trained(model, tokenizer, question, cfg.data.template,
+                                                  cfg.demo.max_new_tokens)
         summary.accuracy_merged = self.accuracy(model, tokenizer, "accuracy merged", merged=True)
         print(f"held-out accuracy of the reloaded merged model: {100 * summary.accuracy_merged:.1f}%")
 
