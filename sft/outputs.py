@@ -27,7 +27,7 @@ def merge(cfg: RunConfig, out: Path, summary: RunSummary, hooks: list) -> None:
             from sft.gguf_export import export_after_merge
 
             summary.paths.update(export_after_merge(merged_dir, out, cfg.training.export_gguf,
-                                                    progress=cfg.training.progress))
+                                                    progress=cfg.training.progress, template=cfg.data.template))
     dist.barrier()
 
 
@@ -41,3 +41,20 @@ def write(cfg: RunConfig, out: Path, summary: RunSummary, history: list[dict], t
     summary.paths["plot"] = str(save_training_plot(history, out / "training.png", title))
     summary.paths["summary"] = str(out / "summary.json")
     write_summary(out / "summary.json", summary, cfg.to_dict(), dist.run_metadata(), timing)
+
+
+def clear_earlier_run(out: Path) -> None:
+    """``training.overwrite``: remove an earlier run's checkpoints and summary from ``out`` before this run starts
+    (its adapter and merged model are replaced when this run writes its own)."""
+    import shutil
+
+    from sft.preflight import earlier_run
+
+    found = earlier_run(out)
+    if "checkpoints" in found:
+        shutil.rmtree(out / "checkpoints")
+    if "summary.json" in found:
+        (out / "summary.json").unlink()
+    if found:
+        print(f"training.overwrite: replacing the earlier run in {out} (removed its checkpoints and summary)")
+

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 #: errno values that mean "the storage is full" in one of its forms.
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
@@ -61,14 +62,37 @@ def unwritable_reason(path: str | os.PathLike) -> str | None:
     return None
 
 
+#: What a run leaves in output_dir (besides data/ and logs/), newest-first evidence of an earlier run.
+RUN_OUTPUTS = ("summary.json", "adapter", "merged", "checkpoints")
+
+
+def earlier_run(out: str | Path) -> list[str]:
+    """The outputs of an earlier run that ``out`` holds (names from :data:`RUN_OUTPUTS`; empty: none)."""
+    p = Path(out)
+    found = []
+    for name in RUN_OUTPUTS:
+        q = p / name
+        if q.is_file() or (q.is_dir() and any(q.iterdir())):
+            found.append(name)
+    return found
+
+
 def check_output_dir(cfg) -> list[str]:
-    """Problems with ``training.output_dir`` (empty when it can be written), for ``train()``'s preflight."""
+    """Problems with ``training.output_dir`` (empty when it can be written and holds no earlier run that this one
+    would silently replace), for ``train()``'s preflight."""
     out = cfg.training.output_dir
     reason = unwritable_reason(out)
-    if reason is None:
-        return []
-    return [f"training.output_dir: cannot write to {out}: {reason}. Choose a writable directory: "
-            f"training.output_dir=PATH"]
+    if reason is not None:
+        return [f"training.output_dir: cannot write to {out}: {reason}. Choose a writable directory: "
+                f"training.output_dir=PATH"]
+    t = cfg.training
+    found = [] if t.resume or t.overwrite else earlier_run(out)
+    if found:
+        what = "a finished run" if "summary.json" in found or "adapter" in found else "an unfinished run"
+        return [f"training.output_dir: {out} holds {what} ({', '.join(found)}); this run would replace it. "
+                f"Continue it with training.resume=auto, replace it with training.overwrite=true, or choose "
+                f"another training.output_dir"]
+    return []
 
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:

@@ -48,9 +48,16 @@ def train(cfg: RunConfig, model=None, dataset: str | Iterable[dict] | None = Non
     check_extra(training_args)
     run = _resolved(cfg, dataset)
     hooks = [c for c in callbacks if isinstance(c, RunHooks)]
+    dist.check_launch(dist.dist_info())  # a launch that asked for N ranks and started one stops here
+    dist.resolve_deepspeed_config_file()  # a relative deepspeed_config_file works from any directory, or stops here
     dist.init_process_group_if_needed(timeout_s=run.training.dist_timeout_s, device=dist.device().type)
     dist.start_watchdog()
     info = dist.dist_info()
+    crowded = dist.oversubscription(info)
+    if crowded and info.local_rank == 0:
+        import logging
+
+        logging.getLogger(__name__).warning(crowded)
     if dataset is not None and not isinstance(dataset, str):
         run = rows_dataset(run, dataset)
     out = Path(run.training.output_dir)
@@ -62,6 +69,8 @@ def train(cfg: RunConfig, model=None, dataset: str | Iterable[dict] | None = Non
     resume_point = resolve_resume(run, out / "checkpoints", info.rank, info.world_size, data.train.total_rows)
     if resume_point is not None:
         summary.resumed_from, summary.resumed_step = str(resume_point.path), resume_point.step
+    elif run.training.overwrite and dist.is_main_process():
+        outputs.clear_earlier_run(out)  # its checkpoints must not be mixed with (or resumed instead of) this run's
 
     tokenizer = load_tokenizer(run.model)
     if model is None and dist.is_main_process():  # random arch: models that load from disk are written once

@@ -211,6 +211,13 @@ class TrainingConfig:
     resume: Optional[str] = _f(
         None, "Continue from a checkpoint: `auto` (newest complete one in output_dir) or a checkpoint path."
     )
+    overwrite: bool = _f(
+        False,
+        "Train into an output_dir that holds an earlier run (its summary, adapter, merged model or checkpoints), "
+        "replacing what it wrote; its checkpoints are removed first, so that a later resume=auto cannot pick one "
+        "of them. false: such a run stops before the model loads, naming training.resume=auto (continue it) and "
+        "this switch.",
+    )
     progress: bool = _f(True, "Show progress bars.")
     dist_timeout_s: int = _f(1800, "Seconds a collective may wait for a peer before the run fails.", min=1)
 

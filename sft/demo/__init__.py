@@ -38,6 +38,10 @@ def prepare_data(cfg: RunConfig, users: Collection[str] = ()) -> None:
     dist.init_process_group_if_needed(timeout_s=cfg.training.dist_timeout_s,
                                       device="cuda" if torch.cuda.is_available() else "cpu")
     if dist.is_main_process():
+        fields = (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path))
+        # a missing local dataset of the user's: the run stops at the missing-dataset error, and nothing (not the
+        # demo's other split either) may be written before it
+        user_missing = any(f in users and p and "://" not in p and not Path(p).exists() for f, p in fields)
         for field, path, split, n in (("data.path", cfg.data.path, "train", cfg.demo.train_rows),
                                       ("data.eval_path", cfg.data.eval_path, "test", cfg.demo.test_rows)):
             if not path or Path(path).exists():
@@ -46,7 +50,7 @@ def prepare_data(cfg: RunConfig, users: Collection[str] = ()) -> None:
                 print(f"demo: {field}={path} was given on the command line, so it is read as your dataset and "
                       f"the demo task is not generated there (add demo.generate=true to generate it there)",
                       file=sys.stderr)
-            else:
+            elif not user_missing:
                 rows = generate_examples(n, seed=cfg.training.seed, split=split)
                 write_dataset(path, rows, progress=cfg.training.progress)
                 print(f"demo: wrote {n} {split} rows to {path}")
