@@ -6,15 +6,17 @@ Imported as ``from sft import dist``; ``torch.distributed`` itself is imported a
 from sft.dist.group import (CPU_BACKENDS, DEFAULT_TIMEOUT_S, EXPERIMENTAL_BACKENDS, all_gather_concat,
                             all_reduce_max_flag, all_reduce_min_int, all_reduce_sum, barrier, choose_backend,
                             enable_fsdp_on_cpu, init_process_group_if_needed, release_deepspeed_shm, run_metadata)
-from sft.dist.ranks import (LOCAL_RANK_VARS, LOCAL_SIZE_VARS, RANK_VARS, WORLD_SIZE_VARS, DistInfo, deepspeed_launch,
-                            device, dist_info, fsdp_launch, is_initialized, is_main_process, sharded_launch, zero3_init)
+from sft.dist.ranks import (LOCAL_RANK_VARS, LOCAL_SIZE_VARS, RANK_VARS, WORLD_SIZE_VARS, DistInfo, check_launch,
+                            deepspeed_launch, device, dist_info, fsdp_launch, is_initialized, is_main_process,
+                            oversubscription, resolve_deepspeed_config_file, sharded_launch, zero3_init)
 from sft.dist.watchdog import explain_failure, set_phase, start_watchdog, stop_watchdog
 
 
 __all__ = [
     "CPU_BACKENDS", "DEFAULT_TIMEOUT_S", "EXPERIMENTAL_BACKENDS", "LOCAL_RANK_VARS", "LOCAL_SIZE_VARS", "RANK_VARS",
     "WORLD_SIZE_VARS", "DistInfo", "all_gather_concat", "all_reduce_max_flag", "all_reduce_min_int", "all_reduce_sum",
-    "barrier", "choose_backend", "deepspeed_launch", "device", "dist_info", "enable_fsdp_on_cpu", "explain_failure",
-    "fsdp_launch", "init_process_group_if_needed", "is_initialized", "is_main_process", "release_deepspeed_shm",
-    "run_metadata", "set_phase", "sharded_launch", "start_watchdog", "stop_watchdog", "zero3_init",
+    "barrier", "check_launch", "choose_backend", "deepspeed_launch", "device", "dist_info", "enable_fsdp_on_cpu",
+    "explain_failure", "fsdp_launch", "init_process_group_if_needed", "is_initialized", "is_main_process",
+    "oversubscription", "release_deepspeed_shm", "resolve_deepspeed_config_file", "run_metadata", "set_phase",
+    "sharded_launch", "start_watchdog", "stop_watchdog", "zero3_init",
 ]

@@ -116,6 +116,31 @@ def sharded_launch() -> str | None:
     return None
 
 
+def resolve_deepspeed_config_file() -> None:
+    """Make the DeepSpeed config file an accelerate config names (``deepspeed_config_file``, exported as
+    ACCELERATE_DEEPSPEED_CONFIG_FILE) absolute, so that a launch works from any directory and from a wheel install.
+
+    accelerate passes the path on as written, and DeepSpeed reads it relative to the current directory: sft's
+    shipped ``configs/deepspeed/zero2.json``, launched from another directory, failed after the model had loaded
+    with an 80-line JSONDecodeError (a missing file is parsed as JSON text). A relative path is looked up in the
+    current directory, then in the sft package (where ``configs/`` lives in a checkout and in a wheel); one found
+    in neither stops the run here, in one line, before any work."""
+    name = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "").strip()
+    if not name or name == "none" or name.startswith("{") or not deepspeed_launch():
+        return
+    p = Path(name).expanduser()
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, Path(__file__).resolve().parent.parent / p]
+    for c in candidates:
+        if c.is_file():
+            os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(c.resolve())
+            return
+    from sft.errors import SftError
+
+    raise SftError(f"the accelerate config's deepspeed_config_file {name} does not exist (looked in "
+                   f"{' and '.join(str(c.parent) for c in candidates)}); give its absolute path in the accelerate "
+                   f"YAML, or launch from the directory it is relative to")
+
+
 def zero3_init() -> bool:
     """True while transformers loads models partitioned (a ZeRO-3 TrainingArguments exists in this process)."""
     try:
@@ -123,3 +148,77 @@ def zero3_init() -> bool:
     except ImportError:
         return False
     return is_deepspeed_zero3_enabled()
+
+
+# ------------------------------------------------------------------------------------ launches that went wrong
+
+
+def _launcher_argv(pid: int) -> list[str]:
+    """The command line of process ``pid`` ([] where /proc cannot tell)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def requested_processes(argv: list[str]) -> int | None:
+    """The process count an ``accelerate launch`` command line asks for (``--num_processes``, else its
+    ``--config_file``'s ``num_processes``); None when ``argv`` is not an accelerate launch or names none. Only the
+    launcher's own options count: scanning stops at the program it runs (``sft``, ``sft.cli``, ``launch.pin``)."""
+    if not any(a.endswith("accelerate") or a.startswith("accelerate.commands.launch") for a in argv[:3]):
+        return None
+    opts: dict[str, str] = {}
+    for i, a in enumerate(argv):
+        if a in ("sft.cli", "launch.pin") or Path(a).name == "sft":
+            break
+        for name in ("--num_processes", "--config_file"):
+            if a == name and i + 1 < len(argv):
+                opts[name] = argv[i + 1]
+            elif a.startswith(name + "="):
+                opts[name] = a.split("=", 1)[1]
+    if "--num_processes" in opts:
+        try:
+            return int(opts["--num_processes"])
+        except ValueError:
+            return None
+    if "--config_file" in opts:
+        import yaml
+
+        try:
+            n = (yaml.safe_load(Path(opts["--config_file"]).read_text()) or {}).get("num_processes")
+        except (OSError, yaml.YAMLError, AttributeError):
+            return None
+        return n if isinstance(n, int) else None
+    return None
+
+
+def check_launch(info: DistInfo) -> None:
+    """Stop (one line, naming the fix) when the ``accelerate launch`` that started this process asked for N > 1
+    processes and this run has one: accelerate 1.15 starts ONE process for a MULTI_CPU config without an mpirun
+    hostfile, and that process would train alone, as if nothing were wrong."""
+    if info.world_size > 1:
+        return
+    n = requested_processes(_launcher_argv(os.getppid()))
+    if n is not None and n > 1:
+        from sft.errors import SftError
+
+        raise SftError(
+            f"accelerate launch asked for {n} processes but started 1 (a MULTI_CPU config without an mpirun hostfile "
+            f"starts one process). Launch with sft's configs/accelerate/cpu_multi_socket.yaml (it starts {n} CPU "
+            f"ranks), add --multi_gpu to your command (sft keeps the ranks on CPU), or use `sft launch -- train ...`")
+
+
+def oversubscription(info: DistInfo) -> str | None:
+    """A warning when this node runs more ranks than it has cores for (each rank then gets less than one core,
+    and their threads preempt each other), with the plan that fits; None when the ranks fit."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    ranks = info.local_world_size
+    if ranks <= cores:
+        return None
+    return (f"{ranks} ranks on this node share {cores} core(s) ({torch.get_num_threads()} thread(s) each): the "
+            f"ranks preempt each other and every collective waits for the slowest. Plan: at most {cores} rank(s) "
+            f"on this node (--num_processes {cores} per node, 1 thread each), or one rank per socket with "
+            f"`sft launch` (`sft plan` prints it)")
