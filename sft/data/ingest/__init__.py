@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sft.data.ingest.badrows import Problems, check_policy
-from sft.data.ingest.formats import RECORD_FORMATS, Converter, Fields, extra_fields, parse_fields
+from sft.data.ingest.formats import RECORD_FORMATS, Converter, Fields, MapError, extra_fields, parse_fields
 from sft.data.ingest.readers import FORMATS, BadRecord, normalize_fmt, read
 from sft.data.ingest.readers import detect as detect_file
 from sft.data.ingest.writer import COLUMNS, CONVERSATION, _check_out, _is_remote, write_dataset
@@ -135,6 +135,8 @@ def _input_rows(path: str, kind: str, fields: Fields, split: str | None, tally: 
             continue
         try:
             row = tally.convert(record, path, unit, number, name)
+        except MapError:
+            raise  # the mapping itself is wrong: one message, not one per row
         except IngestError as e:
             problems.bad_row(path, unit, number, str(e))
             continue
@@ -182,7 +184,7 @@ def ingest(
 
     ``mapping``: target -> source field (targets ``question``, ``answer``, ``source``, ``messages``); a value
     ``a+b`` joins fields. ``fmt``: force a file format for every input (``jsonl``, ``json``, ``csv``, ``tsv``,
-    ``parquet``, ``hf``). ``record_format``: force a record format (``qa``, ``chat``, ``sharegpt``, ``alpaca``;
+    ``parquet``, ``hf``). ``record_format``: force a record format (``qa``, ``chat``, ``sharegpt``, ``lima``, ``alpaca``;
     default: detected per record, see :mod:`sft.data.ingest.formats`). ``split``: the split of a Hugging Face
     ``DatasetDict`` (default ``train``). ``on_bad_row``: ``fail`` reports every bad row and writes nothing,
     ``skip`` writes the good rows (:mod:`sft.data.ingest.badrows`). ``creds``: for an ``s3://`` ``out``, a mapping

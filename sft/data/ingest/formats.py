@@ -12,6 +12,11 @@ Formats (detected per record, in this order, unless ``--format`` names one for e
 ``sharegpt``
     ``conversations``: a list of ``{"from", "value"}`` with ``from`` = ``system`` / ``human`` / ``gpt`` (also
     ``user`` / ``assistant``); converted to the chat form, same rules.
+``lima``
+    ``conversations``: a list of plain strings, the turns alternating user / assistant and starting with the user
+    (LIMA's own JSONL: ``{"conversations": ["<user>", "<assistant>", ...], "source": "stackexchange"}``, some
+    rows multi-turn); converted to the chat form, same rules. A ``messages`` field (``--format chat``) may hold the
+    same plain strings.
 ``alpaca``
     ``instruction``, optional ``input``, ``output``. The input is the context the instruction refers to, so it
     belongs to the prompt: question = instruction, a blank line, input (instruction alone when input is empty or
@@ -26,6 +31,13 @@ conversation is also stored, as JSON text ``[{"role", "content"}, ...]``, in an 
 column, and training formats it turn by turn (:mod:`sft.data.formatting`). Text rather than nested Deep Lake
 types: one more column of the type every reader already handles, no schema migration, and a row's conversation
 is read with the same column slice as its question.
+
+Source: ``--map source=FIELD`` names the field; without it, a record's own ``source`` text is kept (LIMA's
+``stackexchange``, ``wikihow``, ...), and the input's file name stands in where a record has none.
+
+Mapping policy: ``--map question=`` / ``answer=`` describe ``qa`` records; a record read as another format (its
+fields hold a conversation or Alpaca's names) while question or answer are mapped is an error naming the mapped
+field, never a mapping silently ignored.
 
 Text policy: question, answer, source and every turn's content must be ``str`` and not blank. Anything else
 (numbers, bools, None/null, lists, dicts) is a bad row naming the field -- never silently ``str()``-ed, because a
@@ -42,7 +54,7 @@ from typing import Any
 from sft.errors import IngestError
 
 MAP_TARGETS = ("question", "answer", "source", "messages")
-RECORD_FORMATS = ("qa", "chat", "sharegpt", "alpaca")
+RECORD_FORMATS = ("qa", "chat", "sharegpt", "lima", "alpaca")
 SYSTEM_ROLES = ("system", "developer")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 JOIN = "\n\n"  # between joined fields, and between system prompts and the first question
@@ -54,9 +66,14 @@ class Fields:
 
     question: tuple[str, ...] = ("question",)
     answer: tuple[str, ...] = ("answer",)
-    source: str | None = None  # None: use the input's file name
+    source: str | None = None  # None: the record's own "source" text, else the input's file name
     messages: str = "messages"
     record_format: str | None = None  # None: detect per record
+
+    @property
+    def maps_qa(self) -> bool:
+        """True when ``--map`` named the question or answer field (qa records only)."""
+        return self.question != ("question",) or self.answer != ("answer",)
 
 
 def parse_fields(mapping: Mapping[str, str] | None, record_format: str | None = None) -> Fields:
@@ -160,6 +177,15 @@ def _sharegpt(turns: Any, where: str, name: str) -> list[dict[str, Any]]:
     return out
 
 
+def _plain_turns(turns: list[str]) -> list[dict[str, Any]]:
+    """LIMA's form: plain strings alternating user / assistant, starting with the user."""
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+
+
+def _is_plain_turns(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v)
+
+
 def conversation(messages: Any, where: str, name: str) -> tuple[list[dict[str, str]], int]:
     """Validate a chat record's turns -> (normalised turns, index of the first user turn in them)."""
     if not isinstance(messages, list) or not messages:
@@ -223,7 +249,7 @@ def detect(record: Mapping[str, Any], f: Fields) -> str:
     if f.messages in record:
         return "chat"
     if "conversations" in record:
-        return "sharegpt"
+        return "lima" if _is_plain_turns(record["conversations"]) else "sharegpt"
     if "instruction" in record and "output" in record:
         return "alpaca"
     return "qa"  # reports the missing question field
@@ -243,7 +269,7 @@ class Converter:
         if type(record) is dict and len(f.question) == 1 and len(f.answer) == 1 and f.record_format in (None, "qa"):
             q = record.get(f.question[0])
             a = record.get(f.answer[0])
-            s = default_source if f.source is None else record.get(f.source)
+            s = record.get("source", default_source) if f.source is None else record.get(f.source)
             if (type(q) is str and type(a) is str and type(s) is str and q and a and s
                     and not q.isspace() and not a.isspace() and not s.isspace()):
                 return {"question": q, "answer": a, "source": s, "conversation": None}
@@ -255,6 +281,8 @@ class Converter:
         if not isinstance(record, Mapping):
             raise IngestError(f"{where}: expected an object with fields, got {describe(record)}")
         kind = detect(record, f)
+        if kind != "qa" and f.maps_qa:
+            raise unused_map(where, record, f, kind)
         conv = None
         if kind == "qa":
             for names, target in ((f.question, "question"), (f.answer, "answer")):
@@ -268,11 +296,19 @@ class Converter:
             name = f.messages if kind == "chat" else "conversations"
             if name not in record:
                 raise missing(where, record, name, "messages")
-            raw = record[name] if kind == "chat" else _sharegpt(record[name], where, name)
+            raw = record[name]
+            if _is_plain_turns(raw):  # LIMA's plain strings, under either field name
+                raw = _plain_turns(raw)
+            elif kind == "lima":
+                raise IngestError(f"{where}: field {name!r} must be a non-empty list of strings (LIMA: user and "
+                                  f"assistant turns alternating), got {describe(raw)}")
+            elif kind == "sharegpt":
+                raw = _sharegpt(raw, where, name)
             q, a, conv = _chat_row(*conversation(raw, where, name))
             self.conversations += conv is not None
-        if f.source is None:
-            s = default_source
+        if f.source is None:  # the record's own source when it is text, else the file name
+            own = record.get("source")
+            s = own if isinstance(own, str) and own.strip() else default_source
         elif f.source in record:
             s = text(record[f.source], where, f.source, "source")
         else:
@@ -280,11 +316,30 @@ class Converter:
         return {"question": q, "answer": a, "source": s, "conversation": conv}
 
 
+class MapError(IngestError):
+    """A ``--map`` that does not fit the input: the whole ingest stops at the first record (not a bad row each)."""
+
+
+def unused_map(where: str, record: Mapping[str, Any], f: Fields, kind: str) -> MapError:
+    mapped = [f"{t}={'+'.join(n)}" for t, n in (("question", f.question), ("answer", f.answer))
+              if n != (t,)]
+    have = ", ".join(map(str, record)) or "no fields"
+    absent = [n for t, names in (("question", f.question), ("answer", f.answer)) for n in names if n not in record]
+    why = f"field {absent[0]!r} is not in the record" if absent else "question/answer maps apply to qa records only"
+    return MapError(
+        f"{where}: --map {' '.join(mapped)}: {why} (the record has: {have}), and the record reads as the {kind} "
+        f"format, which --map question/answer does not apply to. Drop the --map (the {kind} format is detected by "
+        f"itself) or name fields the record has"
+    )
+
+
 def needed(names: list[str], f: Fields) -> list[tuple[str, str]]:
     """(field, target) pairs a table with these column names is read from (columnar inputs: Parquet, HF)."""
     kind = f.record_format
     if kind is None:
         kind = detect(dict.fromkeys(names), f)
+    if kind != "qa" and f.maps_qa:
+        raise unused_map("columns", dict.fromkeys(names), f, kind)
     if kind == "qa":
         out = [(n, "question") for n in f.question] + [(n, "answer") for n in f.answer]
     elif kind == "alpaca":
@@ -294,6 +349,8 @@ def needed(names: list[str], f: Fields) -> list[tuple[str, str]]:
         out = [(f.messages if kind == "chat" else "conversations", "messages")]
     if f.source is not None:
         out.append((f.source, "source"))
+    elif "source" in names:
+        out.append(("source", "source"))  # the record's own source is kept
     return out
 
 

@@ -251,8 +251,9 @@ def write_dataset(
     appender = _Appender(target)
     try:
         appender.create()
+        # delay: no bar for work that ends (or fails on its first rows) within a second
         with tqdm(total=total, unit=" rows", desc=f"writing {os.path.basename(target.path)}", disable=not progress,
-                  dynamic_ncols=True) as bar:
+                  dynamic_ncols=True, delay=1.0) as bar:
             n = _append_rows(appender, rows, validate, batch_size, bar)
         if n == 0:
             raise IngestError(f"no rows to write to {out}: the input is empty")
