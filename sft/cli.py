@@ -37,6 +37,7 @@ def _quiet_environment() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     for name in _KERNEL_HUB_LOGGERS:
         logging.getLogger(name).addFilter(_offline_kernel_hub_notes)
+    logging.getLogger("DeepSpeed").addFilter(_deepspeed_cpu_note)
 
 
 #: bitsandbytes 0.50 on a CPU with AVX512-BF16 asks the Hub for a CPU NF4 kernel (kernels-community) as it is
@@ -46,10 +47,22 @@ def _quiet_environment() -> None:
 _KERNEL_HUB_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
 
 
+#: Set by ``sft train`` once its config is read: whether the run loads a 4-bit base (bitsandbytes' kernels matter).
+_RUN_USES_BNB = True
+
+
 def _offline_kernel_hub_notes(record: logging.LogRecord) -> bool:
-    """Logging filter: drop the kernels-community notes while the Hub is offline (online, they stay)."""
+    """Logging filter: drop the kernels-community notes while the Hub is offline, and on runs that load no 4-bit
+    base (bitsandbytes is only imported there because peft imports it); a QLoRA run online keeps them."""
     offline = os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("", "0", "false", "no")
-    return not (offline and "kernels-community" in record.getMessage())
+    return not ((offline or not _RUN_USES_BNB) and "kernels-community" in record.getMessage())
+
+
+def _deepspeed_cpu_note(record: logging.LogRecord) -> bool:
+    """Logging filter: DeepSpeed, imported by transformers / accelerate in every run where it is installed, warns
+    "Setting accelerator to CPU" on CPU machines; that concerns DeepSpeed launches only (ACCELERATE_USE_DEEPSPEED)."""
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").strip().lower() in ("1", "true", "yes")
+    return deepspeed or "Setting accelerator to CPU" not in record.getMessage()
 
 
 def _offline_unless_hub(*names: str | None) -> None:
@@ -66,6 +79,12 @@ def _fmt_pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _clip(text: str | None, limit: int = 300) -> str:
+    """A user's question or answer can be pages long: the summary shows its start."""
+    text = text or ""
+    return text if len(text) <= limit else text[:limit].rstrip() + " ..."
+
+
 def print_summary(s) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -78,7 +97,12 @@ def print_summary(s) -> None:
     t.add_row("tokens/s", f"{s.tokens_per_s:,.0f}  ({s.world_size} rank(s), backend {s.backend})")
     t.add_row("model TFLOP/s", f"{s.model_tflops_per_s:.3f}")
     t.add_row("train time", f"{s.train_seconds:.1f} s (first step {s.first_step_s:.1f} s)")
-    t.add_row("loss", f"{s.loss_first:.4f} -> {s.loss_last:.4f}" + (f" (eval {s.eval_loss:.4f})" if s.eval_loss else ""))
+    if len(s.loss_history) > 1:
+        t.add_row("loss", f"{s.loss_first:.4f} -> {s.loss_last:.4f}  ({len(s.loss_history)} logged steps)")
+    elif s.loss_history:
+        t.add_row("loss", f"{s.loss_first:.4f}  (one logged step)")
+    if s.eval_loss is not None:
+        t.add_row("eval loss", f"{s.eval_loss:.4f}  (perplexity {s.eval_perplexity:,.2f})")
     t.add_row("peak RSS", f"{s.peak_rss_gb:.2f} GiB (rank 0, {s.allocator} malloc)")
     t.add_row("trainable params", f"{s.trainable_params:,} of {s.total_params:,} ({s.trainable_percent:.3f}%)")
     if s.accuracy_before is not None or s.accuracy_after is not None:
@@ -91,7 +115,8 @@ def print_summary(s) -> None:
     if s.merge_max_abs_diff is not None:
         t.add_row("merge check", f"max |logit diff| {s.merge_max_abs_diff:.2e}")
     if s.sample_question:
-        t.add_row("merged model", f"Q: {s.sample_question}\nA: {s.sample_answer}")
+        who = "merged model" if "merged" in s.paths else "trained model"
+        t.add_row(who, f"Q: {_clip(s.sample_question)}\nA: {_clip(s.sample_answer)}")
     for k, v in s.paths.items():
         t.add_row(f"{k}", v)
     if "gguf" in s.paths:
@@ -116,18 +141,47 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         reexec_with(cfg.training.allocator)
     _offline_unless_hub(cfg.model.name, cfg.model.tokenizer)
+    global _RUN_USES_BNB
+    _RUN_USES_BNB = cfg.quantization.mode != "none"
     if "wandb" not in cfg.training.report_to:
         os.environ.setdefault("WANDB_MODE", "disabled")  # off unless the config asks for it
     from sft import demo, dist
+    from sft.generation import FirstAnswer
     from sft.recipe import train
 
-    # the demo task plugs in through the public API: its data, and its exact-match accuracy as run hooks
+    # the demo task plugs in through the public API: its data, and its exact-match accuracy as run hooks; any
+    # other run with an eval set shows the trained model's answer to its first question
+    dist.check_launch(dist.dist_info())  # before the demo writes anything: a launch that started 1 of N ranks
+    dist.resolve_deepspeed_config_file()
     if cfg.demo.generate:
         demo.prepare_data(cfg, users=_datasets_given(args.overrides))
-    summary = train(cfg, callbacks=demo.hooks(cfg))
+    hooks = demo.hooks(cfg) or ([FirstAnswer(cfg)] if cfg.data.eval_path else [])
+    try:
+        summary = train(cfg, callbacks=hooks)
+    except KeyboardInterrupt:
+        if dist.is_main_process():
+            print(interrupted_message(cfg.training.output_dir, args.overrides, args.config), file=sys.stderr)
+        return 130
     if dist.is_main_process():
         print_summary(summary)
     return 0
+
+
+def interrupted_message(output_dir: str, overrides: list[str], config: str | None) -> str:
+    """What Ctrl-C leaves: the last complete checkpoint (or none), and the command that continues the run."""
+    import shlex
+    from pathlib import Path
+
+    from sft.dist import dist_info
+    from sft.trainer.checkpoint import latest_complete
+
+    ckpt = latest_complete(Path(output_dir) / "checkpoints", warn=False)
+    kept = [o for o in overrides if o.split("=", 1)[0].strip() not in ("training.resume", "resume")]
+    argv = ["sft", "train", *(["--config", config] if config else []), *kept, "training.resume=auto"]
+    where = (f"the last complete checkpoint is {ckpt}" if ckpt is not None
+             else "no checkpoint was complete yet, so a resumed run starts from step 0")
+    launched = "" if dist_info().world_size <= 1 else " (under the same launcher: accelerate launch / sft launch ...)"
+    return f"interrupted: {where}. Continue with{launched}:\n  {shlex.join(argv)}"
 
 
 def _datasets_given(overrides: list[str]) -> set[str]:
@@ -213,12 +267,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     _offline_unless_hub()  # a local model directory only
-    from sft.gguf_export import export_gguf, run_lines
+    from sft.gguf_export import export_gguf, run_lines, write_modelfile
 
     r = export_gguf(args.model, args.gguf, args.type, overwrite=args.overwrite)
     print(f"wrote {r.path} ({r.architecture}, {r.type}, {r.tensors} tensors, {r.bytes / 2**20:.1f} MiB, "
           f"{r.seconds:.1f} s)")
-    for line in run_lines(Path(r.path)):
+    modelfile, template = write_modelfile(Path(args.model), Path(r.path), args.template)
+    print(f"wrote {modelfile} (Ollama; TEMPLATE: the {template} training prompt)")
+    for line in run_lines(Path(r.path), modelfile):
         print(f"  {line}")
     return 0
 
@@ -260,9 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="field mapping, e.g. question=instruction answer=output; a+b joins fields: "
                         "question=instruction+input")
     p.add_argument("--format", action="append", metavar="FORMAT",
-                   choices=["jsonl", "json", "csv", "tsv", "parquet", "hf", "qa", "alpaca", "chat", "sharegpt"],
+                   choices=["jsonl", "json", "csv", "tsv", "parquet", "hf", "qa", "alpaca", "chat", "sharegpt", "lima"],
                    help="override detection: a file format (jsonl, json, csv, tsv, parquet, hf) and/or a record "
-                        "format (qa, alpaca, chat, sharegpt); repeat for both")
+                        "format (qa, alpaca, chat, sharegpt, lima); repeat for both")
     p.add_argument("--creds", metavar="JSON_FILE",
                    help="credentials for an s3:// --out (aws_access_key_id, aws_secret_access_key, endpoint_url, "
                         "aws_region); default: the AWS_* environment variables")
@@ -295,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", required=True, help="the .gguf file to write")
     p.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
                    help="weight type of the matrices (norms stay f32); q8_0: 8-bit blocks, ~1.06 bytes per weight")
+    p.add_argument("--template", choices=["default", "chat"],
+                   help="prompt format the model was trained on, for the Modelfile's TEMPLATE (default: the run's "
+                        "data.template from summary.json beside the merged model, else default)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file")
     p.set_defaults(func=cmd_export)
 

@@ -325,16 +325,75 @@ def export_gguf(model_dir: str | Path, out: str | Path, kind: str = "f16", overw
                         seconds=time.perf_counter() - t0)
 
 
-def run_lines(path: Path) -> list[str]:
-    """How to run the file: llama.cpp's CLI, and an Ollama Modelfile beside it."""
-    return [f"llama-cli -m {path}", f"Ollama Modelfile: FROM ./{path.name}   (then: ollama create NAME -f Modelfile)"]
+def run_lines(path: Path, modelfile: Path | None = None) -> list[str]:
+    """How to run the file: llama.cpp's CLI, and the Ollama Modelfile beside it."""
+    modelfile = modelfile or path.parent / "Modelfile"
+    return [f"llama-cli -m {path}",
+            f"ollama create NAME -f {modelfile}   (its TEMPLATE is the training prompt format)"]
 
 
-def export_after_merge(merged_dir: Path, out_dir: Path, kind: str, progress: bool = True) -> dict[str, str]:
-    """``training.export_gguf``: output_dir/model-<type>.gguf from the merged model, and a Modelfile beside it."""
+def _tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+#: Stands for the question while the training prompt is rendered, to cut it into Ollama's template around it.
+_QUESTION = "\x00sft-question\x00"
+
+
+def modelfile_text(gguf_name: str, tokenizer, template: str = "default") -> str:
+    """An Ollama Modelfile for a GGUF trained with ``data.template``: FROM, the TEMPLATE that renders a prompt
+    exactly as training formatted it (the training prompt around Ollama's ``{{ .Prompt }}``: ``Question: …\\n\\n
+    Answer:`` or the tokenizer's chat template, its default system prompt included), and stop strings (the EOS
+    token training appended after every answer; for the default template also the start of a next question).
+    Without TEMPLATE, Ollama applies the base model's chat template, a format the adapter never saw."""
+    from sft.data.formatting import prompt_text
+
+    prefix, sep, suffix = prompt_text(tokenizer, _QUESTION, template).partition(_QUESTION)
+    if not sep:
+        raise ModelError(f"data.template {template}: the prompt does not contain the question; cannot write "
+                              "an Ollama TEMPLATE for it")
+
+    def go_literal(text: str) -> str:  # text outside {{ }} is literal in Go templates, except "{{" itself
+        return text.replace("{{", '{{ "{{" }}')
+
+    body = go_literal(prefix) + "{{ .Prompt }}" + go_literal(suffix)
+    if '"""' in body:
+        raise ModelError('the training prompt contains """, which an Ollama TEMPLATE cannot hold')
+    stops = [tokenizer.eos_token] if tokenizer.eos_token else []
+    if template == "default":
+        stops.append("\n\nQuestion:")
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{body}"""']
+    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
+    return "\n".join(lines) + "\n"
+
+
+def trained_template(model_dir: Path) -> str:
+    """The ``data.template`` a merged model was trained with, from its run's summary.json (``output_dir/merged``
+    beside ``output_dir/summary.json``); ``default`` when there is none."""
+    try:
+        return json.loads((model_dir.parent / "summary.json").read_text())["config"]["data"]["template"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "default"
+
+
+def write_modelfile(model_dir: Path, gguf: Path, template: str | None = None) -> tuple[Path, str]:
+    """``<gguf stem>.Modelfile`` beside ``gguf`` for ``sft export`` (``template`` None: the one the run trained
+    with); named after the GGUF so that exporting several types into one folder replaces no other file."""
+    template = template or trained_template(model_dir)
+    modelfile = gguf.with_suffix(".Modelfile")
+    atomic_write_text(modelfile, modelfile_text(gguf.name, _tokenizer(model_dir), template))
+    return modelfile, template
+
+
+def export_after_merge(merged_dir: Path, out_dir: Path, kind: str, progress: bool = True,
+                       template: str = "default") -> dict[str, str]:
+    """``training.export_gguf``: output_dir/model-<type>.gguf from the merged model, and a Modelfile beside it
+    whose TEMPLATE is the run's ``data.template``."""
     report = export_gguf(merged_dir, out_dir / f"model-{kind}.gguf", kind, overwrite=True, progress=progress,
                          name=out_dir.resolve().name)
     modelfile = out_dir / "Modelfile"
-    atomic_write_text(modelfile, f"FROM ./{report.path.name}\n")
+    atomic_write_text(modelfile, modelfile_text(report.path.name, _tokenizer(merged_dir), template))
     print(f"wrote {report.path} ({report.type}, {report.bytes / 2**20:.1f} MiB, {report.seconds:.1f} s)")
     return {"gguf": str(report.path), "modelfile": str(modelfile)}

@@ -54,11 +54,34 @@ def _check_adapter_files(adapter_dir: Path) -> None:
             f"its checkpoints (OUTPUT_DIR/checkpoints/checkpoint-N)"
         )
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise MergeError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+        raise MergeError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json); "
+                         f"{_what_to_pass(adapter_dir)}")
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        extra = " (adapter_model.bin is never unpickled; re-save it as safetensors)" if (
-            adapter_dir / "adapter_model.bin").exists() else ""
-        raise MergeError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}{extra}")
+        if (adapter_dir / "adapter_model.bin").exists():
+            raise MergeError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (adapter_model.bin is never unpickled; re-save it "
+                             f"as safetensors)")
+        raise MergeError(f"{adapter_dir} holds an adapter config but no weights ({ADAPTER_WEIGHTS}: its writing was "
+                         f"interrupted, or the files were copied without it); {_what_to_pass(adapter_dir)}")
+
+
+def _what_to_pass(given: Path) -> str:
+    """Which --adapter to pass instead of ``given``: a run's adapter or its newest complete checkpoint, found in
+    ``given`` (a run's output_dir or its checkpoints/ folder) or in the run around it."""
+    from sft.trainer.checkpoint import latest_complete
+
+    found = []
+    for run in (given, given.parent, given.parent.parent):
+        if (run / "adapter" / ADAPTER_WEIGHTS).is_file():
+            found.append(str(run / "adapter"))
+        for ckpts in (run / "checkpoints", run):
+            newest = latest_complete(ckpts, warn=False) if ckpts.is_dir() else None
+            if newest is not None and (newest / ADAPTER_WEIGHTS).is_file():
+                found.append(str(newest))
+    found = [f for f in dict.fromkeys(found) if Path(f).resolve() != given.resolve()]
+    if found:
+        return "pass --adapter " + " or --adapter ".join(found)
+    return "pass a run's adapter directory (OUTPUT_DIR/adapter) or one of its checkpoints " \
+           "(OUTPUT_DIR/checkpoints/checkpoint-N)"
 
 
 @dataclass
