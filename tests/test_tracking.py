@@ -147,7 +147,8 @@ def test_training_plot_and_gguf_in_summary(run):
     assert mpimg.imread(png).shape[0] > 300
     gguf = Path(summary["paths"]["gguf"])
     assert gguf == out / "model-q8_0.gguf" and gguf.stat().st_size > 1e6
-    assert (out / "Modelfile").read_text() == "FROM ./model-q8_0.gguf\n"
+    modelfile = (out / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model-q8_0.gguf\nTEMPLATE \"\"\"") and "{{ .Prompt }}" in modelfile
     assert f"llama-cli -m {gguf}" in proc.stdout.replace("\n", "") or "llama-cli -m" in proc.stdout
 
 
