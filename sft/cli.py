@@ -149,10 +149,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sft.generation import FirstAnswer
     from sft.recipe import train
 
+    # launch problems stop here, before the demo writes anything: a launch that started 1 of N ranks, a
+    # deepspeed_config_file that is not where the launch says
+    dist.check_launch(dist.dist_info())
+    dist.resolve_deepspeed_config_file()
     # the demo task plugs in through the public API: its data, and its exact-match accuracy as run hooks; any
     # other run with an eval set shows the trained model's answer to its first question
-    dist.check_launch(dist.dist_info())  # before the demo writes anything: a launch that started 1 of N ranks
-    dist.resolve_deepspeed_config_file()
     if cfg.demo.generate:
         demo.prepare_data(cfg, users=_datasets_given(args.overrides))
     hooks = demo.hooks(cfg) or ([FirstAnswer(cfg)] if cfg.data.eval_path else [])
@@ -316,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="field mapping, e.g. question=instruction answer=output; a+b joins fields: "
                         "question=instruction+input")
     p.add_argument("--format", action="append", metavar="FORMAT",
-                   choices=["jsonl", "json", "csv", "tsv", "parquet", "hf", "qa", "alpaca", "chat", "sharegpt", "lima"],
+                   choices=["jsonl", "json", "csv", "tsv", "parquet", "hf", "qa", "alpaca", "chat", "sharegpt",
+                            "lima"],
                    help="override detection: a file format (jsonl, json, csv, tsv, parquet, hf) and/or a record "
                         "format (qa, alpaca, chat, sharegpt, lima); repeat for both")
     p.add_argument("--creds", metavar="JSON_FILE",

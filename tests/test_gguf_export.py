@@ -177,7 +177,10 @@ def test_cli_export(tmp_path):
     proc = subprocess.run([*env_py, "export", "--model", str(model_dir), "--gguf", str(tmp_path / "t.gguf"),
                            "--type", "f16"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "t.gguf").is_file() and "llama-cli -m" in proc.stdout and "FROM ./t.gguf" in proc.stdout
+    assert (tmp_path / "t.gguf").is_file() and "llama-cli -m" in proc.stdout
+    # the Ollama Modelfile is written beside the GGUF (its TEMPLATE: tests/test_own_data.py), and named in the output
+    assert (tmp_path / "t.Modelfile").read_text().startswith("FROM ./t.gguf\nTEMPLATE")
+    assert f"ollama create NAME -f {tmp_path / 't.Modelfile'}" in proc.stdout
     proc = subprocess.run([*env_py, "export", "--model", str(tmp_path / "nope"), "--gguf", str(tmp_path / "u.gguf")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "not a directory" in proc.stderr

@@ -24,8 +24,8 @@ from sft.data.ingest import ingest, write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 SFT = [sys.executable, "-m", "sft.cli"]
-TINY = ["model.name=arch:tiny-llama", "model.dtype=fp32", "data.seq_length=64", "training.per_device_train_batch_size=2",
-        "training.progress=false"]
+TINY = ["model.name=arch:tiny-llama", "model.dtype=fp32", "data.seq_length=64",
+        "training.per_device_train_batch_size=2", "training.progress=false"]
 
 
 def env(**extra: str) -> dict:
@@ -380,3 +380,27 @@ def test_readme_own_data_commands_run_verbatim(tmp_path):
         assert p.returncode == 0, (c, p.stderr[-3000:])
         outs.append(p.stdout)
     assert "Reykjavik -- the capital of Iceland." in outs[-1]
+
+
+def test_library_notes_only_where_they_matter(monkeypatch):
+    """bitsandbytes' kernels-community note stays only on a QLoRA run with the Hub online; DeepSpeed's "Setting
+    accelerator to CPU" only on a DeepSpeed launch."""
+    import logging
+
+    from sft import cli
+
+    def kept(filt, msg: str) -> bool:
+        return filt(logging.LogRecord("x", logging.WARNING, __file__, 1, msg, None, None))
+
+    hub = "Failed to load CPU gemm_4bit_forward from kernels-community"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(cli, "_RUN_USES_BNB", True)
+    assert kept(cli._offline_kernel_hub_notes, hub)
+    monkeypatch.setattr(cli, "_RUN_USES_BNB", False)
+    assert not kept(cli._offline_kernel_hub_notes, hub)
+    assert kept(cli._offline_kernel_hub_notes, "another bitsandbytes warning")
+    note = "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert not kept(cli._deepspeed_cpu_note, note) and kept(cli._deepspeed_cpu_note, "other DeepSpeed note")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert kept(cli._deepspeed_cpu_note, note)

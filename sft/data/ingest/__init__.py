@@ -184,8 +184,8 @@ def ingest(
 
     ``mapping``: target -> source field (targets ``question``, ``answer``, ``source``, ``messages``); a value
     ``a+b`` joins fields. ``fmt``: force a file format for every input (``jsonl``, ``json``, ``csv``, ``tsv``,
-    ``parquet``, ``hf``). ``record_format``: force a record format (``qa``, ``chat``, ``sharegpt``, ``lima``, ``alpaca``;
-    default: detected per record, see :mod:`sft.data.ingest.formats`). ``split``: the split of a Hugging Face
+    ``parquet``, ``hf``). ``record_format``: force a record format (``qa``, ``chat``, ``sharegpt``, ``lima``,
+    ``alpaca``; default: detected per record, see :mod:`sft.data.ingest.formats`). ``split``: the split of a Hugging Face
     ``DatasetDict`` (default ``train``). ``on_bad_row``: ``fail`` reports every bad row and writes nothing,
     ``skip`` writes the good rows (:mod:`sft.data.ingest.badrows`). ``creds``: for an ``s3://`` ``out``, a mapping
     or a JSON file path (:func:`sft.data.creds.resolve`; None: the AWS environment variables).

@@ -251,9 +251,8 @@ def write_dataset(
     appender = _Appender(target)
     try:
         appender.create()
-        # delay: no bar for work that ends (or fails on its first rows) within a second
-        with tqdm(total=total, unit=" rows", desc=f"writing {os.path.basename(target.path)}", disable=not progress,
-                  dynamic_ncols=True, delay=1.0) as bar:
+        with _FirstRowBar(tqdm, total=total, unit=" rows", desc=f"writing {os.path.basename(target.path)}",
+                          disable=not progress, dynamic_ncols=True) as bar:
             n = _append_rows(appender, rows, validate, batch_size, bar)
         if n == 0:
             raise IngestError(f"no rows to write to {out}: the input is empty")
@@ -271,6 +270,26 @@ def write_dataset(
     if not target.remote and os.path.exists(target.tmp):  # a late background write re-created the temp path
         _remove_tree(target.tmp)
     return n
+
+
+class _FirstRowBar:
+    """A progress bar that appears with the first rows written: an ingest that fails before writing any (a wrong
+    --map, every row bad) prints its error without a "writing ...: 0 rows" bar above it."""
+
+    def __init__(self, factory, **kw):
+        self.factory, self.kw, self.bar = factory, kw, None
+
+    def update(self, n: int) -> None:
+        if self.bar is None:
+            self.bar = self.factory(**self.kw)
+        self.bar.update(n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _digest_bytes(values: list[str]) -> bytes:
