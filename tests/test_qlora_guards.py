@@ -143,3 +143,18 @@ def test_first_step_check_stops_both_ddp_ranks(data, tmp_path):
                           capture_output=True, text=True, timeout=600)
     text = _check_stopped(proc, out, "ddp", "rank")
     assert text.count("first optimizer step (step 1)") >= 2, text[-4000:]  # every rank says it
+
+
+@pytest.mark.slow
+def test_first_step_check_stops_both_fsdp2_qlora_ranks(data, tmp_path):
+    """FSDP2 + QLoRA (NF4, storage = compute dtype) on 2 CPU ranks, rank 0's first loss poisoned: both stop."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "configs" / "accelerate" / "gpu_fsdp_qlora.yaml"), "--num_processes", "2",
+           "--main_process_port", str(free_port()), "-m", "sft.cli", "train", *_base_args(data, out),
+           "quantization.mode=nf4", "quantization.compute_dtype=fp32", "lora.target_modules=[all-linear]"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path, ACCELERATE_USE_CPU="true", SFT_FAULT_LOSS="nan:0:1",
+                                                  SFT_WATCHDOG_STALE_S="30"),
+                          capture_output=True, text=True, timeout=600)
+    text = _check_stopped(proc, out, "fsdp2", "rank")
+    assert text.count("first optimizer step (step 1)") >= 2, text[-4000:]
