@@ -11,7 +11,10 @@ under its own time limit (a step that hangs costs its budget, not the check):
   fsdp-qlora   FSDP2 + QLoRA (bf16 storage), one process
   bench        sft bench --matrix gpu --only opt-1.3b: the seed recipe (baseline) and sft, bf16 and NF4, one run
 
-A failed setup stops the check at once (the rest could not pass). Results: at most :data:`MAX_RESULT_FILES` files
+A failed setup stops the check at once (the rest could not pass). Device time: the tool allows 15 minutes in all
+and 10 a command; a machine takes 1-2 minutes to start. So the check runs as one call with ``timeout_s`` 510 (the
+steps' 460 s, the wheel install and a margin), which leaves about 5 minutes for one rerun of the failed steps
+(``--only a,b``; setup always runs again), each under its own limit. Results: at most :data:`MAX_RESULT_FILES` files
 directly under OUTDIR (gpu.txt, gpu_check_plan.md, gpu_check.jsonl, gpu_check.md, logs.tar.gz with every log,
 summary and the bench's results), what the device tool brings back (8 files, 2 folders deep).
 
