@@ -158,3 +158,24 @@ def test_first_step_check_stops_both_fsdp2_qlora_ranks(data, tmp_path):
                           capture_output=True, text=True, timeout=600)
     text = _check_stopped(proc, out, "fsdp2", "rank")
     assert text.count("first optimizer step (step 1)") >= 2, text[-4000:]
+
+
+@pytest.mark.slow
+def test_first_step_check_stops_both_zero2_qlora_ranks(data, tmp_path):
+    """DeepSpeed ZeRO-2 + QLoRA on 2 CPU ranks (DeepSpeed's CPU accelerator), rank 1's first loss zero: both stop,
+    and DeepSpeed's shared-memory all-reduce buffers are not left behind."""
+    pytest.importorskip("deepspeed")
+    from tests.test_cpu_deepspeed import shm_segments
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "configs" / "accelerate" / "gpu_deepspeed_zero2.yaml"), "--num_processes", "2",
+           "--main_process_port", str(free_port()), "-m", "sft.cli", "train", *_base_args(data, out),
+           "quantization.mode=nf4", "quantization.compute_dtype=fp32"]
+    before = shm_segments()
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path, LOCAL_SIZE="2", SFT_FAULT_LOSS="zero:1:1",
+                                                  SFT_WATCHDOG_STALE_S="30"),
+                          capture_output=True, text=True, timeout=900)
+    text = _check_stopped(proc, out, "deepspeed-zero2", "rank")
+    assert text.count("first optimizer step (step 1)") >= 2, text[-4000:]
+    assert not (shm_segments() - before), "DeepSpeed's shared memory was left behind"
