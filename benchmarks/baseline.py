@@ -76,9 +76,9 @@ class ConstantLengthDataset(torch.utils.data.IterableDataset):
 
 def read_texts(path: str) -> list[str]:
     """The whole dataset as formatted texts (the seed loaded its dataset fully into memory)."""
-    import deeplake
+    from sft.data.source import open_dataset
 
-    ds = deeplake.open_read_only(path)
+    ds = open_dataset(path)  # Deep Lake, or the Arrow format where deeplake is not installed
     questions, answers = ds["question"][:], ds["answer"][:]
     return [SEED_TEMPLATE.format(question=q, answer=a) for q, a in zip(questions, answers)]
 

@@ -261,10 +261,23 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.cli ...`` (same as ``sft bench ...``)."""
-    from sft.cli import main as sft_main
+    """``python -m benchmarks.cli ...`` (same as ``sft bench ...``), also where sft is not installed (a checkout on
+    PYTHONPATH, as on the GPU check's machine: then the ``sft.commands`` entry point that adds ``sft bench`` is
+    not registered)."""
+    import logging
 
-    return sft_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+    from sft.errors import SftError
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cli", description="sft bench")
+    add_bench_arguments(p)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args.process_entry, args.verbose, args.command = argv is None, False, "bench"
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return bench_command(args)
+    except SftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def register(sub) -> None:

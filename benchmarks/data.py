@@ -53,9 +53,12 @@ def dataset_path(rows: int, seed: int = 0) -> Path:
 
 
 def ensure_dataset(rows: int, seed: int = 0, path: str | os.PathLike | None = None) -> str:
-    """Path of the synthetic dataset with ``rows`` rows, generated on first use."""
-    import deeplake
-
+    """Path of the synthetic dataset with ``rows`` rows, generated on first use: Deep Lake, or where deeplake is
+    not installed (the GPU check's machine) the Arrow format training also reads (sft/data/arrow.py)."""
+    try:
+        import deeplake
+    except ImportError:
+        return _ensure_arrow(rows, seed, path)
     from sft.data.ingest import write_dataset
 
     out = Path(path) if path else dataset_path(rows, seed)
@@ -66,4 +69,17 @@ def ensure_dataset(rows: int, seed: int = 0, path: str | os.PathLike | None = No
     except Exception:
         if not deeplake.exists(str(out)):  # another bench run wrote it at the same time: theirs is identical
             raise
+    return str(out)
+
+
+def _ensure_arrow(rows: int, seed: int, path: str | os.PathLike | None) -> str:
+    from sft.data.arrow import is_arrow_dataset, write_arrow_dataset
+
+    out = Path(path) if path else dataset_path(rows, seed).with_name(dataset_path(rows, seed).name + "-arrow")
+    if not is_arrow_dataset(str(out)):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write_arrow_dataset(str(out), synthetic_rows(rows, seed))
+        except FileExistsError:  # another bench run wrote it at the same time: theirs is identical
+            pass
     return str(out)

@@ -18,8 +18,8 @@ from importlib import metadata
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "deeplake", "bitsandbytes", "tokenizers",
-             "safetensors", "datasets")
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "deeplake", "bitsandbytes", "deepspeed", "tokenizers",
+             "safetensors", "pyarrow")
 
 # Spec-sheet dense (no sparsity) peaks, FLOP/s. GPUs: vendor datasheets. CPUs: FLOP per cycle per core of the
 # matrix unit, to be multiplied by cores and clock (AMX: 1024 bf16 FLOP/cycle/core on Sapphire/Emerald/Granite

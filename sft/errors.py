@@ -28,3 +28,7 @@ class ModelError(SftError):
 
 class MergeError(SftError):
     """An adapter cannot be merged (mismatched base, logits check failed, ...)."""
+
+
+class TrainingError(SftError):
+    """Training cannot go on meaningfully (e.g. the first optimizer step's loss or gradient norm is not finite)."""

@@ -9,6 +9,7 @@ the processes they start; nothing in normal use does.
 | ``SFT_FAULT_KILL_SAVE`` | ``STEP`` or ``RANK:STEP`` | SIGKILL while checkpoint STEP is half written (model and optimizer written, the rest not) |
 | ``SFT_FAULT_KILL_MERGE`` | ``N`` | SIGKILL the merge after its N-th output shard |
 | ``SFT_FAULT_DESYNC`` | ``RANK:STEP`` | that rank alone evaluates after that step: a rank-dependent collective its peers never join |
+| ``SFT_FAULT_LOSS`` | ``KIND:RANK:STEP`` | that rank's training loss of that optimizer step is multiplied by NaN (``nan``) or 0 (``zero``) before its backward |
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ KILL = "SFT_FAULT_KILL"
 KILL_SAVE = "SFT_FAULT_KILL_SAVE"
 KILL_MERGE = "SFT_FAULT_KILL_MERGE"
 DESYNC = "SFT_FAULT_DESYNC"
+LOSS = "SFT_FAULT_LOSS"
 
 
 def _rank_step(var: str) -> tuple[int, int] | None:
@@ -53,3 +55,20 @@ def desync_at(rank: int, step: int) -> bool:
     """DESYNC = "RANK:STEP": whether this rank should evaluate alone after this step."""
     spec = os.environ.get(DESYNC)
     return bool(spec) and [int(x) for x in spec.split(":")] == [rank, step]
+
+
+def poison_loss(loss, rank: int, step: int):
+    """LOSS = "KIND:RANK:STEP" (KIND nan or zero): ``loss`` times NaN or 0 on that rank at that optimizer step (the
+    bad value then goes through the real backward, gradient clipping and optimizer step); else ``loss`` itself."""
+    spec = os.environ.get(LOSS)
+    if not spec:
+        return loss
+    kind, r, s = spec.split(":")
+    if (int(r), int(s)) != (rank, step):
+        return loss
+    return loss * {"nan": float("nan"), "zero": 0.0}[kind]
+
+
+def armed(var: str) -> bool:
+    """Whether the failure point ``var`` is set (one dictionary lookup)."""
+    return bool(os.environ.get(var))

@@ -16,8 +16,9 @@ from sft.metrics import StepTimer, checkpointing_fraction, flops_per_token
 
 
 def open_checked(cfg: RunConfig, rank: int, world: int, check_model: bool = True) -> RunData:
-    """Resolve the model and open (validate) the data before loading anything: a bad path or an unreachable hub
-    fails in a second, not after a minute, and the user learns about every problem at once."""
+    """Resolve the model and open (validate) the data before loading anything: a bad path, an unreachable hub or a
+    4-bit storage dtype that ZeRO-3 / FSDP would train silently wrong with (accelerate#3983, axolotl#2992) fails in
+    a second, not after a minute, and the user learns about every problem at once."""
     from sft.models.sources import resolve_source
     from sft.preflight import check_output_dir
 
@@ -33,6 +34,13 @@ def open_checked(cfg: RunConfig, rank: int, world: int, check_model: bool = True
     except SftError as e:
         problems.append(str(e))
     problems += check_output_dir(cfg)  # training.output_dir writable
+    if cfg.quantization.mode == "nf4":  # ZeRO-3 / FSDP need the 4-bit weights stored as the compute dtype
+        from sft.models.quantization import resolve_quant_storage
+
+        try:
+            resolve_quant_storage(cfg.quantization)
+        except SftError as e:
+            problems.append(str(e))
     if problems:
         raise SftError("\n".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))
     return data

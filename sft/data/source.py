@@ -5,7 +5,8 @@ The pieces, in the order training uses them:
 ``open_dataset(path)``
     Opens a dataset read-only after checking, *before any work*, that it exists, is a Deep Lake (4.x) dataset,
     has the ``question`` and ``answer`` text columns and at least one row. Every failure is a :class:`DataError`
-    that names the problem and the fix (usually ``sft ingest FILE --out PATH``).
+    that names the problem and the fix (usually ``sft ingest FILE --out PATH``). A local directory holding
+    ``data.arrow`` is opened with pyarrow instead (sft/data/arrow.py: the format that needs no Deep Lake).
 ``shard_range(n_rows, rank, world_size)``
     This rank's contiguous ``[lo, hi)``: disjoint, covering, sizes differ by at most one.
 ``ShardedSource``
@@ -73,6 +74,10 @@ def _check_local(path: str) -> str:
             f"{path} is a file, not a Deep Lake dataset (a dataset is a directory). "
             f"If it holds training data, convert it with `sft ingest {path} --out DATASET_DIR` and use DATASET_DIR."
         )
+    from sft.data.arrow import is_arrow_dataset
+
+    if is_arrow_dataset(local):  # the Deep Lake-free format (sft/data/arrow.py): opened with pyarrow
+        return local
     import deeplake
 
     if not deeplake.exists(local):
@@ -101,6 +106,10 @@ def _check_local(path: str) -> str:
 
 
 def _is_text(dtype: Any) -> bool:
+    from sft.data.arrow import ArrowType
+
+    if isinstance(dtype, ArrowType):
+        return dtype.is_text
     import deeplake
 
     kind = getattr(dtype, "kind", None)
@@ -125,13 +134,23 @@ def open_dataset(path: str, creds=None, *, timeout_s: float = READ_TIMEOUT_S, at
     milliseconds (opening retries a missing bucket for ~30 s). Remote calls are bounded (``timeout_s`` x
     ``attempts``). Any failure becomes a :class:`DataError` naming the path (never the credentials).
 
-    Returns a ``deeplake.ReadOnlyDataset`` with the :data:`REQUIRED_COLUMNS` as text columns and at least one row.
+    Returns a ``deeplake.ReadOnlyDataset`` (an :class:`sft.data.arrow.ArrowDataset` for a local ``data.arrow``
+    directory) with the :data:`REQUIRED_COLUMNS` as text columns and at least one row.
     """
     if not isinstance(path, str) or not path.strip():
         raise DataError(f"dataset path must be a non-empty string, got {path!r}. Set data.path to a Deep Lake dataset.")
+    target = path if is_remote(path) else _check_local(path)
+    from sft.data.arrow import ArrowDataset, is_arrow_dataset
+
+    if not is_remote(path) and is_arrow_dataset(target):
+        try:
+            return _validated(path, ArrowDataset(target))
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"cannot open {path} as an Arrow dataset (data.arrow): {type(e).__name__}: {e}") from e
     import deeplake
 
-    target = path if is_remote(path) else _check_local(path)
     if is_remote(path):
         from sft.data.creds import bounded, remote_kwargs
 
@@ -154,7 +173,11 @@ def open_dataset(path: str, creds=None, *, timeout_s: float = READ_TIMEOUT_S, at
             f"cannot open {path} as a Deep Lake dataset: {type(e).__name__}: {e}. "
             f"It may be damaged or still being written; re-create it with `sft ingest FILE --out {path} --overwrite`."
         ) from e
+    return _validated(path, ds)
 
+
+def _validated(path: str, ds):
+    """``ds`` after checking it has the required text columns and at least one row (a DataError otherwise)."""
     columns = {c.name: c.dtype for c in ds.schema.columns}
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:

@@ -24,6 +24,16 @@ def lora_config(cfg: LoraSection):
     )
 
 
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing on every decoder layer. transformers >= 5.2x names it
+    ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` deprecated); 5.17 (the GPU image's) has
+    only ``gradient_checkpointing_enable``, with the same effect."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def add_lora(model, cfg: LoraSection, gradient_checkpointing: bool, quantized: bool = False):
     """Wrap the base in a PEFT LoRA model; only adapter weights train."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -33,7 +43,7 @@ def add_lora(model, cfg: LoraSection, gradient_checkpointing: bool, quantized: b
         # norms and embeddings beside bf16-stored 4-bit weights breaks FSDP1 flattening and only costs memory
         # under FSDP2 (its mixed precision casts them back); TRL skips it for sharded QLoRA too
         if gradient_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
             model.enable_input_require_grads()
     elif quantized:
         # casts the non-quantized layers (norms, head) to fp32 and sets up input grads for checkpointing
@@ -42,7 +52,7 @@ def add_lora(model, cfg: LoraSection, gradient_checkpointing: bool, quantized: b
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     try:
         peft_model = get_peft_model(model, lora_config(cfg))

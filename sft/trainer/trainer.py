@@ -1,5 +1,6 @@
 """The Trainer sft trains with: transformers' ``Trainer`` with crash-safe checkpoints (CheckpointIO), an
-evaluation that cannot hang across ranks (ShardedEvaluation), and datasets that are already this rank's shard."""
+evaluation that cannot hang across ranks (ShardedEvaluation), a checked first optimizer step (FirstStepCheck), and
+datasets that are already this rank's shard."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from transformers import Trainer
 from sft.data.formatting import IGNORE_INDEX as IGNORE
 from sft.trainer.checkpointing import CheckpointIO
 from sft.trainer.evaluation import ShardedEvaluation
+from sft.trainer.firststep import FirstStepCheck
 
 
-class ShardAwareTrainer(CheckpointIO, ShardedEvaluation, Trainer):
-    """Our datasets are already this rank's shard: do not let accelerate re-shard or dispatch them."""
+class ShardAwareTrainer(FirstStepCheck, CheckpointIO, ShardedEvaluation, Trainer):
+    """Our datasets are already this rank's shard: do not let accelerate re-shard or dispatch them. The first
+    optimizer step is checked (FirstStepCheck: a non-finite or zero loss, a non-finite gradient norm)."""
 
     def __init__(self, *args, checkpoint_extras=None, **kwargs):
         super().__init__(*args, **kwargs)
