@@ -9,6 +9,7 @@ the processes they start; nothing in normal use does.
 | ``SFT_FAULT_KILL_SAVE`` | ``STEP`` or ``RANK:STEP`` | SIGKILL while checkpoint STEP is half written (model and optimizer written, the rest not) |
 | ``SFT_FAULT_KILL_MERGE`` | ``N`` | SIGKILL the merge after its N-th output shard |
 | ``SFT_FAULT_DESYNC`` | ``RANK:STEP`` | that rank alone evaluates after that step: a rank-dependent collective its peers never join |
+| ``SFT_FAULT_SIGNAL`` | ``RANK:STEP:SIG`` | that rank sends itself SIG (``TERM``, ``USR1``) at the end of that step, as a scheduler would |
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ KILL = "SFT_FAULT_KILL"
 KILL_SAVE = "SFT_FAULT_KILL_SAVE"
 KILL_MERGE = "SFT_FAULT_KILL_MERGE"
 DESYNC = "SFT_FAULT_DESYNC"
+SIGNAL = "SFT_FAULT_SIGNAL"
 
 
 def _rank_step(var: str) -> tuple[int, int] | None:
@@ -53,3 +55,13 @@ def desync_at(rank: int, step: int) -> bool:
     """DESYNC = "RANK:STEP": whether this rank should evaluate alone after this step."""
     spec = os.environ.get(DESYNC)
     return bool(spec) and [int(x) for x in spec.split(":")] == [rank, step]
+
+
+def signal_at(rank: int, step: int) -> None:
+    """SIGNAL = "RANK:STEP:SIG": send this process SIG (e.g. TERM, USR1) if it is that rank at that step."""
+    spec = os.environ.get(SIGNAL)
+    if not spec:
+        return
+    r, s, name = spec.split(":")
+    if (int(r), int(s)) == (rank, step):
+        os.kill(os.getpid(), getattr(signal, f"SIG{name.upper().removeprefix('SIG')}"))
