@@ -47,6 +47,14 @@ def set_phase(phase: str, step: int = 0) -> None:
         _phase = (phase, int(step), time.time())
 
 
+def host_label() -> str:
+    """This rank's host as the messages name it: the host name, and the scheduler's node name where it differs
+    (under Slurm every node of a cluster may share a name, or resolve its own name to loopback)."""
+    name = socket.gethostname()
+    node = os.environ.get("SLURMD_NODENAME")
+    return f"{name}, Slurm node {node}" if node and node != name else name
+
+
 def describe(phase: str, step: int) -> str:
     return {
         "train": f"train step {step}",
@@ -66,7 +74,7 @@ class Watchdog:
         self._apart_since: dict[int, float] = {}  # peer -> when we first saw it in another collective phase
         self._last_peers: dict[int, dict | None] = {}  # the peers' records at the last check
         self._hosts: dict[int, str] = {}
-        self.store.set(f"sft/host/{rank}", socket.gethostname())
+        self.store.set(f"sft/host/{rank}", host_label())
         self._beat()
         self._last_round = time.monotonic()  # when a heartbeat + check round last completed
         self.thread = threading.Thread(target=self._run, name="sft-watchdog", daemon=True)
