@@ -143,6 +143,7 @@ class Cluster:
         nodes = "\n".join(f"NodeName={n} NodeAddr={a} CPUs={os.cpu_count()} Gres=gpu:2 State=UNKNOWN"
                           for n, a in zip(self.names, self.addrs))
         d = self.dir
+        # cred_expire: a requeued job waits this long before it may start again (default 120 s)
         self.conf.write_text(f"""\
 ClusterName=sft{self.tag}
 SlurmctldHost={socket.gethostname()}({self.ctl_addr})
@@ -152,7 +153,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire=15
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool/%n
 SlurmctldPidFile={d}/slurmctld.pid
