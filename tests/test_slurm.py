@@ -232,3 +232,21 @@ def test_a_dead_node_is_named_the_job_fails_and_requeued_resumes(cluster, work, 
     assert diff == 0.0, f"adapter max |diff| {diff}"
     print(f"\nSLURM-FIGURES dead node: named after {detected:.1f} s, job {info['JobState']} {info.get('ExitCode')} "
           f"after {ended:.1f} s, resumed from checkpoint-{last}, adapter max |diff| {diff}")
+
+
+def test_scaling_study_through_slurm_writes_table_plot_and_model(cluster, work):
+    import subprocess
+
+    results = work / "results"
+    cmd = [sys.executable, "-m", "sft.cli", "bench", "scaling", "--slurm", "--nodes", "1,2", "--model", "tiny-llama",
+           "--seq-length", "32", "--micro-batch", "2", "--steps", "4", "--warmup", "1", "--dataset-rows", "200",
+           "--results-dir", str(results), "--job-timeout", "240"]
+    p = subprocess.run(cmd, cwd=REPO, env=_env(cluster), capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    md = next(results.glob("slurm-scaling-*.md")).read_text()
+    assert re.search(r"^\| 1 \| 1 \| \d+ \| \d+ \| 1\.00 \|", md, flags=re.M), md
+    assert re.search(r"^\| 2 \| 2 \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+% \| [\d.]+ \| [\d.]+ \| [\d.]+% \|",
+                     md, flags=re.M), md
+    assert "These nodes share one machine" in md and "sft bench scaling --slurm --nodes 1,2" in md
+    assert next(results.glob("slurm-scaling-*.png")).stat().st_size > 1000
+    print("\nSLURM-FIGURES scaling:\n" + md)
