@@ -32,14 +32,21 @@ DAEMONS = ("slurmctld", "slurmd", "munged", "mungekey", "sbatch", "scontrol", "s
 
 
 def skip_reason() -> str | None:
-    """Why a cluster cannot run here (for ``pytest.skip``), or None."""
+    """Why a cluster cannot run here (for ``pytest.skip``), or None: only without root. With root, missing
+    packages are an error (:func:`missing`): CI installs them (.ci/run), so a Slurm test never silently skips."""
     if os.geteuid() != 0:
         return "a Slurm test cluster needs root (network namespaces, /etc/hosts, daemons); CI runs as root"
-    missing = [d for d in DAEMONS if shutil.which(d) is None and not Path("/usr/sbin", d).exists()]
-    if missing:
-        return f"Slurm test cluster: {', '.join(missing)} not installed (`apt-get install slurm-wlm munge`, see .ci/run)"
+    return None
+
+
+def missing() -> str | None:
+    """What a cluster needs and this machine lacks, as an error message with the fix, or None."""
+    lacking = [d for d in DAEMONS if shutil.which(d) is None and not Path("/usr/sbin", d).exists()]
     if shutil.which("ip") is None:
-        return "Slurm test cluster: iproute2 (`ip`) not installed"
+        lacking.append("ip (iproute2)")
+    if lacking:
+        return (f"the Slurm test cluster needs {', '.join(lacking)}: `apt-get install slurm-wlm munge iproute2` "
+                "(.ci/run installs them)")
     return None
 
 
@@ -68,6 +75,9 @@ def _free_port() -> int:
 
 class Cluster:
     def __init__(self, nodes: int = 2, kill_wait: int = 30, slurmd_timeout: int = 30, start_timeout: float = 60):
+        lacking = missing()
+        if lacking:
+            raise RuntimeError(lacking)
         self.tag = uuid.uuid4().hex[:5]
         self.n = nodes
         self.names = [f"sft{self.tag}n{i}" for i in range(nodes)]  # Slurm node names = netns names

@@ -10,7 +10,8 @@ host's name resolving to loopback as on Debian nodes). No stand-in for srun, sba
 * a dead node: one node's slurmd, slurmstepd and ranks are SIGKILLed mid-run; the surviving rank names the lost
   rank and node within 2 minutes, the job fails, and requeued it resumes from the last checkpoint.
 
-Needs root, iproute2 and `slurm-wlm` + `munge` (.ci/run installs them); skipped only without them.
+Needs root, iproute2 and `slurm-wlm` + `munge` (.ci/run installs them); skipped only without root (without the
+packages the cluster fixture fails, naming them).
 """
 
 from __future__ import annotations
