@@ -185,6 +185,12 @@ class Watchdog:
         except Exception:
             pass
         self._stop.set()
+        # let both threads leave their store calls before the interpreter exits: a daemon thread still inside a
+        # c10d store call at exit aborted a finished rank ("terminate called without an active exception"),
+        # which srun --kill-on-bad-exit turned into a failed job
+        for t in (self.thread, self.deadman):
+            if t is not threading.current_thread():
+                t.join(timeout=self.interval + 5)
 
 
 def start_watchdog(interval: float = 2.0, stale_after: float | None = None,
