@@ -108,8 +108,9 @@ def _max_diff(a: Path, b: Path) -> float:
 def _wait_for(path: Path, cluster: Cluster, job: int, timeout: float = JOB_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not path.is_dir():  # complete checkpoints appear by rename
-        state = cluster.job(job).get("JobState")
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job} is {state} before {path.name}"
+        state = cluster.job(job).get("JobState")  # COMPLETING: a requeued job's last instance still ends
+        assert state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"), \
+            f"job {job} is {state} before {path.name}"
         assert time.monotonic() < deadline, f"no {path.name} after {timeout} s"
         time.sleep(0.1)
 
