@@ -84,7 +84,17 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "--latency-us; default: 25 and 100 as examples)")
     g.add_argument("--latency-us", type=_float_list, default=None,
                    help="per-message latency(ies) in microseconds (default: 10 and 3)")
-    g.add_argument("--nodes", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64], help="node counts to project")
+    g.add_argument("--nodes", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64],
+                   help="node counts to project (with --slurm: node counts to measure, e.g. 1,2)")
+    g = p.add_argument_group("scaling through Slurm (scaling --slurm: one sbatch job per node count)")
+    g.add_argument("--slurm", action="store_true",
+                   help="submit the runs with sbatch (--template) for each of --nodes and tabulate their summaries")
+    g.add_argument("--template", default="launch/slurm/cpu_multi_node.sbatch", help="batch script to submit")
+    g.add_argument("--sbatch-arg", action="append", default=[], metavar="OPT",
+                   help="extra sbatch option, e.g. --sbatch-arg=--partition=cpu (repeatable)")
+    g.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra `sft train` setting for every run (repeatable)")
+    g.add_argument("--job-timeout", type=float, default=3600.0, help="seconds before unfinished jobs are cancelled")
     g.add_argument("--step-time", type=float, default=None, help="project: measured compute seconds per step")
     g.add_argument("--global-batch", type=int, default=None, help="strong-scaling projection's global batch")
     g.add_argument("--overhead-ms", type=float, default=0.0,
@@ -247,6 +257,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def bench_command(args: argparse.Namespace) -> int:
+    if args.mode == "scaling" and args.slurm:
+        from benchmarks.slurm_scaling import cmd_slurm_scaling
+
+        return cmd_slurm_scaling(args)
     if args.mode == "scaling":
         from benchmarks.scaling import cmd_scaling
 

@@ -126,3 +126,31 @@ def route_iface(iface: str | None, nodes: int, detect_network: bool, master_addr
     # One mpirun command starts every node's ranks with the same environment, but interface names differ
     # between hosts (eth0 here, ens1f0 there): each rank's launch.pin finds its own route to the master.
     return iface, launcher == "mpirun" and iface is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m launch.network MASTER_ADDR``: print the interface of this host that routes to the master (what
+    ``sft launch`` picks; ``lo`` when the master is this host's loopback). Used by launch/slurm/gpu_multi_node.sbatch
+    on every node. Exit status 2, naming this host's interfaces, when none routes there."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m launch.network MASTER_ADDR", file=sys.stderr)
+        return 2
+    warnings: list[str] = []
+    try:
+        name = detect_iface(args[0])
+        if name is None:
+            route_iface(None, 2, True, args[0], DEFAULT_PORT, "accelerate", warnings)  # raises, naming the fix
+            print(f"launch.network: master address {args[0]} does not resolve here", file=sys.stderr)
+            return 2
+    except PlanError as exc:
+        print(f"launch.network: error: {exc}", file=sys.stderr)
+        return 2
+    print(name)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

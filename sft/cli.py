@@ -371,10 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     args.process_entry = argv is None  # run as a program (sft ..., python -m sft.cli), not called from Python
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from sft.errors import SftError
+    from sft.errors import EXIT_PREEMPTED, Preempted, SftError
 
     try:
         return args.func(args)
+    except Preempted as e:  # SIGTERM / SIGUSR1 (sft.trainer.preemption): checkpoint written, rerun to continue
+        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     except SftError as e:
         print(f"error: {e}", file=sys.stderr)
         from sft.data.creds import abandoned_calls

@@ -32,3 +32,17 @@ class MergeError(SftError):
 
 class TrainingError(SftError):
     """Training cannot go on meaningfully (e.g. the first optimizer step's loss or gradient norm is not finite)."""
+
+
+#: Exit status of ``sft train`` stopped by a scheduler's signal after a complete checkpoint (EX_TEMPFAIL: "try
+#: again"); Slurm sites may list it in ``RequeueExit`` so that such a job requeues by itself.
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM / SIGUSR1 (sft.trainer.preemption) after writing ``checkpoint``; rerun with
+    ``training.resume=auto`` to continue. Not an :class:`SftError`: nothing was wrong with the input."""
+
+    def __init__(self, message: str, checkpoint: str | None = None, step: int | None = None):
+        super().__init__(message)
+        self.checkpoint, self.step = checkpoint, step

@@ -10,6 +10,7 @@ the processes they start; nothing in normal use does.
 | ``SFT_FAULT_KILL_MERGE`` | ``N`` | SIGKILL the merge after its N-th output shard |
 | ``SFT_FAULT_DESYNC`` | ``RANK:STEP`` | that rank alone evaluates after that step: a rank-dependent collective its peers never join |
 | ``SFT_FAULT_LOSS`` | ``KIND:RANK:STEP`` | that rank's training loss of that optimizer step is multiplied by NaN (``nan``) or 0 (``zero``) before its backward |
+| ``SFT_FAULT_SIGNAL`` | ``RANK:STEP:SIG`` | that rank sends itself SIG (``TERM``, ``USR1``) at the end of that step, as a scheduler would |
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ KILL_SAVE = "SFT_FAULT_KILL_SAVE"
 KILL_MERGE = "SFT_FAULT_KILL_MERGE"
 DESYNC = "SFT_FAULT_DESYNC"
 LOSS = "SFT_FAULT_LOSS"
+SIGNAL = "SFT_FAULT_SIGNAL"
 
 
 def _rank_step(var: str) -> tuple[int, int] | None:
@@ -72,3 +74,13 @@ def poison_loss(loss, rank: int, step: int):
 def armed(var: str) -> bool:
     """Whether the failure point ``var`` is set (one dictionary lookup)."""
     return bool(os.environ.get(var))
+
+
+def signal_at(rank: int, step: int) -> None:
+    """SIGNAL = "RANK:STEP:SIG": send this process SIG (e.g. TERM, USR1) if it is that rank at that step."""
+    spec = os.environ.get(SIGNAL)
+    if not spec:
+        return
+    r, s, name = spec.split(":")
+    if (int(r), int(s)) == (rank, step):
+        os.kill(os.getpid(), getattr(signal, f"SIG{name.upper().removeprefix('SIG')}"))

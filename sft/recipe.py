@@ -30,6 +30,7 @@ from sft.summary import RunSummary
 from sft.trainer.adapter import save_adapter
 from sft.trainer.arguments import check_extra, leave_sharded_mode
 from sft.trainer.build import build_trainer, fit
+from sft.trainer import preemption
 from sft.trainer.callbacks import ThroughputCallback, TrackerMetrics
 from sft.trainer.resume import resolve_resume, resume_meta
 from sft.trainer.trainer import strategy
@@ -50,6 +51,7 @@ def train(cfg: RunConfig, model=None, dataset: str | Iterable[dict] | None = Non
     hooks = [c for c in callbacks if isinstance(c, RunHooks)]
     dist.check_launch(dist.dist_info())  # a launch that asked for N ranks and started one stops here
     dist.resolve_deepspeed_config_file()  # a relative deepspeed_config_file works from any directory, or stops here
+    preemption.install()  # from here SIGTERM / SIGUSR1 mean: checkpoint at the next step end, then stop
     dist.init_process_group_if_needed(timeout_s=run.training.dist_timeout_s, device=dist.device().type)
     dist.start_watchdog()
     info = dist.dist_info()
@@ -89,9 +91,10 @@ def train(cfg: RunConfig, model=None, dataset: str | Iterable[dict] | None = Non
     timer = StepTimer(tokens_per_step=per_step * run.data.seq_length * info.world_size)
     losses: list[float] = []
     metrics_cb = TrackerMetrics(timer, run.training.report_to, run.data.seq_length, summary.accuracy_before)
+    stop_cb = preemption.StopOnSignal()
     theirs = [c for c in callbacks if not isinstance(c, RunHooks) or isinstance(c, TrainerCallback)]
     trainer = build_trainer(model, args, train_ds, eval_ds, run.data.position_ids,
-                            [ThroughputCallback(timer, losses), metrics_cb, *theirs],
+                            [ThroughputCallback(timer, losses), metrics_cb, stop_cb, *theirs],
                             stages.checkpoint_extras(run, meta), resume_point)
     metrics_cb.bind(trainer)
     summary.strategy = strategy(trainer)
@@ -100,6 +103,8 @@ def train(cfg: RunConfig, model=None, dataset: str | Iterable[dict] | None = Non
     t_train = time.perf_counter()
     result = fit(trainer, resume_point, max_steps)
     summary.train_seconds = time.perf_counter() - t_train
+    if stop_cb.stopped_at is not None and stop_cb.stopped_at < max_steps:  # at the last step: just finish
+        _stop_preempted(stop_cb, out, max_steps)
     timing = stages.record_training(summary, trainer, result, timer, losses, train_ds, eval_ds, run.data.seq_length)
 
     save_adapter(trainer, tokenizer, out / "adapter", run)
@@ -123,10 +128,29 @@ def train(cfg: RunConfig, model=None, dataset: str | Iterable[dict] | None = Non
                        "eval_merge_max_abs_diff": summary.merge_max_abs_diff})
     trackers_env.close()
     outputs.write(run, out, summary, metrics_cb.history, timing)
+    preemption.uninstall()
     return summary
 
 
 # ----------------------------------------------------------------------------------------------- the steps
+
+
+def _stop_preempted(stop_cb: preemption.StopOnSignal, out: Path, max_steps: int) -> None:
+    """Training stopped on a signal after its checkpoint: leave the run (no adapter, no merge) with
+    :class:`Preempted`, which ``sft train`` turns into exit status 75."""
+    from sft.errors import Preempted
+
+    r = stop_cb.report()
+    dist.stop_watchdog()
+    preemption.uninstall()
+    ckpt = out / "checkpoints" / f"checkpoint-{r['step']}"
+    why = f"received {r['signal']}" if r["signal"] else "a peer rank received a stop signal"
+    took = (f" in {r['checkpoint_seconds']:.2f} s" if r["checkpoint_seconds"] is not None else "")
+    since = (f" ({r['signal_to_saved_seconds']:.1f} s after the signal)" if r["signal_to_saved_seconds"] is not None
+             else "")
+    raise Preempted(f"rank {dist.dist_info().rank}: {why}: stopped at step {r['step']} of {max_steps}, "
+                    f"{ckpt.name} written{took}{since} in {ckpt.parent}; rerun with training.resume=auto to "
+                    "continue (a requeued Slurm job does so by itself)", checkpoint=str(ckpt), step=r["step"])
 
 
 def _resolved(cfg: RunConfig, dataset) -> RunConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import os
 import shutil
 import socket
@@ -687,12 +688,27 @@ def test_accelerate_config_loads_with_accelerates_loader(path, monkeypatch):
 
 
 def test_slurm_templates():
+    """Static checks of launch/slurm (tests/test_slurm.py submits them to a real Slurm cluster)."""
+    helper = (REPO / "launch" / "slurm" / "job.sh").read_text()
     for name in ("cpu_multi_node.sbatch", "gpu_multi_node.sbatch"):
         p = REPO / "launch" / "slurm" / name
         assert subprocess.run(["bash", "-n", str(p)]).returncode == 0
         text = p.read_text()
-        assert '--machine_rank "$SLURM_NODEID"' in text and "accelerate.commands.launch" in text
-        assert "--config_file configs/accelerate/" in text or "SFT_ACCELERATE_CONFIG" in text
+        # one way to find sft (job.sh: $SFT_VENV/bin/python -m sft.cli), one way to stop, requeue and resume
+        assert ". launch/slurm/job.sh" in text and "-m sft.cli" in text and "SFT_ENTRY" not in text
+        assert "#SBATCH --requeue" in text and re.search(r"#SBATCH --signal=B:USR1@\d+", text)
+        # the node rank is read on the node, inside srun's single-quoted command (accelerate#2816: expanded on
+        # the submit host, every node became machine rank 0)
+        srun_part = text.split("bash -c '", 1)
+        assert len(srun_part) == 2 and "SLURM_NODEID" not in srun_part[0].split("#SBATCH")[-1]
+        assert '"$SLURM_NODEID"' in srun_part[1]
+        # bash 4.2 (RHEL/CentOS 7): "${arr[@]}" of an empty array fails under `set -u` before bash 4.4
+        assert not re.search(r'"\$\{\w+\[@\]\}"', text + helper), f"{name}: unguarded array expansion"
+        # the usage line runs: `train --config EXISTING_FILE`
+        usage = re.search(r"#\s+sbatch .*?\.sbatch (train .*)", text).group(1).split()
+        assert usage[:2] == ["train", "--config"] and (REPO / usage[2]).is_file(), usage
+    # the GPU template takes its interface from the same code as `sft launch` (the CPU template runs sft launch)
+    assert '"$SFT_PYTHON" -m launch.network "$MASTER_ADDR"' in (REPO / "launch/slurm/gpu_multi_node.sbatch").read_text()
 
 
 # ---- real launches on this machine ---------------------------------------------------------------------------

@@ -47,6 +47,14 @@ def set_phase(phase: str, step: int = 0) -> None:
         _phase = (phase, int(step), time.time())
 
 
+def host_label() -> str:
+    """This rank's host as the messages name it: the host name, and the scheduler's node name where it differs
+    (under Slurm every node of a cluster may share a name, or resolve its own name to loopback)."""
+    name = socket.gethostname()
+    node = os.environ.get("SLURMD_NODENAME")
+    return f"{name}, Slurm node {node}" if node and node != name else name
+
+
 def describe(phase: str, step: int) -> str:
     return {
         "train": f"train step {step}",
@@ -66,7 +74,7 @@ class Watchdog:
         self._apart_since: dict[int, float] = {}  # peer -> when we first saw it in another collective phase
         self._last_peers: dict[int, dict | None] = {}  # the peers' records at the last check
         self._hosts: dict[int, str] = {}
-        self.store.set(f"sft/host/{rank}", socket.gethostname())
+        self.store.set(f"sft/host/{rank}", host_label())
         self._beat()
         self._last_round = time.monotonic()  # when a heartbeat + check round last completed
         self.thread = threading.Thread(target=self._run, name="sft-watchdog", daemon=True)
@@ -177,6 +185,12 @@ class Watchdog:
         except Exception:
             pass
         self._stop.set()
+        # let both threads leave their store calls before the interpreter exits: a daemon thread still inside a
+        # c10d store call at exit aborted a finished rank ("terminate called without an active exception"),
+        # which srun --kill-on-bad-exit turned into a failed job
+        for t in (self.thread, self.deadman):
+            if t is not threading.current_thread():
+                t.join(timeout=self.interval + 5)
 
 
 def start_watchdog(interval: float = 2.0, stale_after: float | None = None,

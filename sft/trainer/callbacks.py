@@ -34,6 +34,7 @@ class ThroughputCallback(TrainerCallback):
         self.timer.step()
         rank = dist.dist_info().rank
         faults.kill_at_step(faults.KILL, rank, state.global_step)
+        faults.signal_at(rank, state.global_step)
         if faults.desync_at(rank, state.global_step):
             control.should_evaluate = True
 
