@@ -34,7 +34,9 @@ def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
             "training.per_device_train_batch_size=2", "training.eval_strategy=no", "training.save_strategy=steps",
             f"training.save_steps={SAVE}", "training.progress=false", "demo.accuracy_samples=0",
             "training.merge=false", "training.logging_steps=1", "training.learning_rate=5e-3",
-            "training.warmup_steps=0", "lora.dropout=0.0", f"training.output_dir={out}", *extra]
+            # LoRA dropout on: a resumed run must draw the uninterrupted run's masks (it did not while transformers
+            # skipped restoring the checkpoint's RNG states: sft/trainer/build.py)
+            "training.warmup_steps=0", "lora.dropout=0.05", f"training.output_dir={out}", *extra]
 
 
 def _env(**extra: str) -> dict:

@@ -46,8 +46,30 @@ def fit(trainer: ShardAwareTrainer, resume_point: ResumePoint | None, max_steps:
                 print(f"{resume} is at step {resume_point.step} >= max_steps {max_steps}: nothing left to train")
             trainer._load_from_checkpoint(resume)
             return TrainOutput(resume_point.step, float("nan"), {})
+        if resume_point is not None:
+            trainer.add_callback(_restore_rng_at_first_step(trainer, resume))
         return trainer.train(resume_from_checkpoint=resume)
     except Exception as e:
         if trainer.args.world_size > 1:
             dist.explain_failure(e)  # names the dead peer and exits, if that is what happened
         raise
+
+
+def _restore_rng_at_first_step(trainer, checkpoint: str):
+    """A callback that restores the checkpoint's RNG states just before the first step after a resume.
+
+    transformers restores them only when it skips the trained batches itself; sft resumes the data from its cursor
+    (``ignore_data_skip=True``), and then transformers never restores them: the LoRA dropout masks after a resume
+    differed from an uninterrupted run's (a 2-node resume with lora.dropout 0.05 ended with another adapter). At
+    ``on_step_begin`` the next batch is already fetched, as at transformers' own restore point."""
+    from transformers import TrainerCallback
+
+    class RestoreRng(TrainerCallback):
+        pending = True
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.pending:
+                self.pending = False
+                trainer._load_rng_state(checkpoint)
+
+    return RestoreRng()
