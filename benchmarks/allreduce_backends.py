@@ -136,7 +136,7 @@ def rank_main(args) -> int:
     op = {"gloo": _init_gloo, "ds-shm": _init_ds_shm, "ds-ccl": _init_ds_ccl}[backend]()
     init_s = time.perf_counter() - t0
     if backend != "gloo":  # DeepSpeed never unlinks its /dev/shm buffers: once all ranks mapped them, sft does
-        from sft.dist import release_deepspeed_shm
+        from sft.distributed import release_deepspeed_shm
 
         release_deepspeed_shm()
 

@@ -118,7 +118,7 @@ class Recorder:
 
     # -- output
     def result(self) -> dict:
-        from sft import dist
+        from sft import distributed as dist
         from sft.allocator import loaded as allocator_loaded
         from sft.metrics import cuda_memory, peak_rss_bytes
 

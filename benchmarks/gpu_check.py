@@ -177,7 +177,7 @@ def _environment(extra: dict[str, str]):
 def check_step_config(step: Step) -> tuple[str, list[str]]:
     """Resolve a training step's launch and load its sft config under that launch's environment: (one line, problems)."""
     from sft.config.load import load_config
-    from sft.dist import sharded_launch
+    from sft.distributed import sharded_launch
     from sft.models.quantization import resolve_quant_storage
 
     problems = []

@@ -23,7 +23,7 @@ oneccl_bindings_for_pytorch does not exist. Measured 5-11x SLOWER than gloo on a
   (DeepSpeed's op builder adds no include path and no rpath), LOCAL_SIZE (DeepSpeed's shm op), SFT_BACKEND=ds-ccl,
   and the oneCCL variables of backend ``ccl`` (one core per rank reserved for the oneCCL worker);
 * it does NOT set ACCELERATE_USE_CPU: with it the DEEPSPEED config is silently ignored and the run is plain DDP
-  over gloo (MULTI_CPU). ``sft launch`` removes an inherited one. The ranks' sft.dist then creates a gloo
+  over gloo (MULTI_CPU). ``sft launch`` removes an inherited one. The ranks' sft.distributed then creates a gloo
   group and forces DeepSpeed's CCLBackend on it (the workaround from the report).
 
 Because launch.pin's ``--env`` values are only defaults (a variable the launcher's env already has is kept),
@@ -64,7 +64,7 @@ def resolve_backend(backend: str) -> str:
     if backend != "auto":
         return backend
     try:
-        from sft.dist import choose_backend
+        from sft.distributed import choose_backend
 
         chosen = choose_backend("cpu")
         if chosen in EXPERIMENTAL_BACKENDS:  # $SFT_BACKEND=ds-ccl must not turn "auto" into ds-ccl

@@ -88,7 +88,7 @@ def _ds_ccl_commands(job: Job, notes: list[str], warnings: list[str]) -> tuple[s
     notes.append(
         "EXPERIMENTAL backend ds-ccl: DeepSpeed ZeRO-2 (configs/deepspeed/cpu_zero2_ccl.json) with the gradient "
         "all-reduce on oneCCL through DeepSpeed's deepspeed_ccl_comm op, forced onto a gloo group by "
-        "sft.dist (torch >= 2.9 has no 'ccl' process group). It was 5-11x SLOWER than gloo on a small "
+        "sft.distributed (torch >= 2.9 has no 'ccl' process group). It was 5-11x SLOWER than gloo on a small "
         f"shared machine (2 cores; measured table: {CPU_COLLECTIVES_REPORT}, section 2): re-measure on your "
         "nodes before using it, gloo stays the default"
     )

@@ -3,7 +3,7 @@ and the result of an all_reduce), e.g.
 
     sft launch --nodes 2 --hostfile hosts -- python -m launch.probe
 
-It goes through the same path as training: :func:`sft.dist.init_process_group_if_needed` first, then
+It goes through the same path as training: :func:`sft.distributed.init_process_group_if_needed` first, then
 accelerate's ``Accelerator()``, which must agree on the world size.
 """
 
@@ -18,7 +18,7 @@ def main() -> int:
     import torch
     import torch.distributed as dist
 
-    from sft import dist as sd
+    from sft import distributed as sd
 
     timeout = int(os.environ.get("SFT_PROBE_TIMEOUT_S", "60"))
     sd.init_process_group_if_needed(timeout_s=timeout)

@@ -145,7 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _RUN_USES_BNB = cfg.quantization.mode != "none"
     if "wandb" not in cfg.training.report_to:
         os.environ.setdefault("WANDB_MODE", "disabled")  # off unless the config asks for it
-    from sft import demo, dist
+    from sft import demo, distributed as dist
     from sft.generation import FirstAnswer
     from sft.recipe import train
 
@@ -174,8 +174,8 @@ def interrupted_message(output_dir: str, overrides: list[str], config: str | Non
     import shlex
     from pathlib import Path
 
-    from sft.dist import dist_info
-    from sft.trainer.checkpoint import latest_complete
+    from sft.distributed import dist_info
+    from sft.trainer.checkpoint_format import latest_complete
 
     ckpt = latest_complete(Path(output_dir) / "checkpoints", warn=False)
     kept = [o for o in overrides if o.split("=", 1)[0].strip() not in ("training.resume", "resume")]

@@ -130,7 +130,7 @@ class FirstAnswer(RunHooks):
         self.question = rows[0]["question"] if rows else None
 
     def after_training(self, model, tokenizer, summary) -> None:
-        from sft import dist
+        from sft import distributed as dist
 
         if self.question is None or self.cfg.training.merge or dist.sharded_launch() is not None:
             return

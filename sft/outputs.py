@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sft import dist
+from sft import distributed as dist
 from sft.config import RunConfig
 from sft.summary import RunSummary, write_summary
 

@@ -3,7 +3,7 @@
 The loop itself is transformers' ``Trainer`` (checkpointing, resume, logging integrations, DDP / DeepSpeed / FSDP
 through accelerate). What sft brings is each step's room: the data path (sft.data: a rank's shard streamed from
 Deep Lake, formatted and packed), the model preparation (sft.models), the Trainer's checkpoints and evaluation
-(sft.trainer), distributed state (sft.dist) and the rank-0 merge (sft.merging, sft.outputs). TRL's ``SFTTrainer`` is
+(sft.trainer), distributed state (sft.distributed) and the rank-0 merge (sft.merging, sft.outputs). TRL's ``SFTTrainer`` is
 not used: it wants a ``datasets`` dataset it can map over and packs without per-document position ids on CPU; the
 plain ``Trainer`` takes sft's packed ``IterableDataset`` as it is.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from sft import dist, outputs, stages
+from sft import distributed as dist, outputs, stages
 from sft.config import RunConfig
 from sft.data.inputs import rows_dataset
 from sft.hooks import RunHooks

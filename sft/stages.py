@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from sft import dist
+from sft import distributed as dist
 from sft.config import RunConfig
 from sft.data.inputs import RunData, open_data
 from sft.errors import DataError, SftError
@@ -124,7 +124,7 @@ def checkpoint_extras(cfg: RunConfig, meta: dict):
     .../checkpoint-N` works) and what a resumed run must share with it."""
     from sft.io import atomic_write_json
     from sft.merging import write_base_meta
-    from sft.trainer.checkpoint import RESUME_META
+    from sft.trainer.checkpoint_format import RESUME_META
 
     def extras(directory: Path) -> None:
         write_base_meta(directory, cfg.model, cfg.quantization, cfg.training.seed)

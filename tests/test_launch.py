@@ -446,7 +446,7 @@ def test_ds_ccl_one_node_accelerate_only():
 
 
 def test_auto_never_picks_ds_ccl(monkeypatch):
-    from sft import dist as sd
+    from sft import distributed as sd
 
     monkeypatch.setenv("SFT_BACKEND", "ds-ccl")  # even with the env of a ds-ccl rank
     monkeypatch.setattr(sd.ccl, "_deepspeed_importable", lambda: True)
@@ -528,11 +528,11 @@ def test_launch_dry_run_picks_node_command(capsys, monkeypatch):
     assert cli.launch_command(_args(["--topology", str(SPR), "--dry-run"])) == 2  # no training command
 
 
-# ---- sft.dist -----------------------------------------------------------------------------------------
+# ---- sft.distributed -----------------------------------------------------------------------------------------
 def test_choose_backend(monkeypatch):
     import torch.distributed as dist
 
-    from sft import dist as sd
+    from sft import distributed as sd
 
     monkeypatch.delenv("SFT_BACKEND", raising=False)
     assert sd.choose_backend("cuda") == "nccl" and sd.choose_backend("cuda:1") == "nccl"
@@ -547,7 +547,7 @@ def test_choose_backend(monkeypatch):
 
 
 def test_choose_backend_ds_ccl_only_when_requested(monkeypatch):
-    from sft import dist as sd
+    from sft import distributed as sd
 
     monkeypatch.delenv("SFT_BACKEND", raising=False)
     monkeypatch.setattr(sd.ccl, "_deepspeed_importable", lambda: True)
@@ -566,7 +566,7 @@ def test_ds_ccl_init_gloo_first_then_deepspeed_ccl(monkeypatch):
 
     import torch.distributed as dist
 
-    from sft import dist as sd
+    from sft import distributed as sd
 
     calls: list = []
 
@@ -626,7 +626,7 @@ def test_ds_ccl_init_gloo_first_then_deepspeed_ccl(monkeypatch):
 
 
 def test_dist_info_from_mpi_env(monkeypatch):
-    from sft import dist as sd
+    from sft import distributed as sd
 
     for v in sd.RANK_VARS + sd.WORLD_SIZE_VARS + sd.LOCAL_RANK_VARS + sd.LOCAL_SIZE_VARS:
         monkeypatch.delenv(v, raising=False)

@@ -141,7 +141,7 @@ def test_mistyped_data_path_writes_nothing(tmp_path, config):
 
 
 def test_requested_processes_read_from_the_launch_command(tmp_path):
-    from sft.dist.ranks import requested_processes
+    from sft.distributed.ranks import requested_processes
 
     py = sys.executable
     cfg = tmp_path / "acc.yaml"
@@ -181,7 +181,7 @@ def test_launch_that_started_one_of_two_ranks_stops_and_the_shipped_config_start
 
 
 def test_more_ranks_than_cores_warns_with_the_plan():
-    from sft.dist import DistInfo, oversubscription
+    from sft.distributed import DistInfo, oversubscription
 
     cores = len(os.sched_getaffinity(0))
     fits = DistInfo(rank=0, local_rank=0, world_size=cores, local_world_size=cores, backend=None,
@@ -197,7 +197,7 @@ def test_more_ranks_than_cores_warns_with_the_plan():
 
 
 def test_shipped_deepspeed_config_resolves_from_any_directory(tmp_path, monkeypatch):
-    from sft.dist import resolve_deepspeed_config_file, sharded_launch
+    from sft.distributed import resolve_deepspeed_config_file, sharded_launch
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
@@ -288,7 +288,7 @@ def test_interrupt_names_the_last_checkpoint_and_the_resume_command(tmp_path, us
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err[-2000:]
-    from sft.trainer.checkpoint import latest_complete
+    from sft.trainer.checkpoint_format import latest_complete
 
     newest = latest_complete(ckpts, warn=False)
     assert newest is not None and f"the last complete checkpoint is outputs/run/checkpoints/{newest.name}" in err

@@ -1,6 +1,6 @@
 """Exact, crash-safe resume.
 
-Unit tests of the pickle-free checkpoint files (sft.trainer.checkpoint), then real runs through the CLI that are SIGKILLed
+Unit tests of the pickle-free checkpoint files (sft.trainer.checkpoint_format), then real runs through the CLI that are SIGKILLed
 (the fault hooks SFT_FAULT_KILL, SFT_FAULT_KILL_SAVE, SFT_FAULT_KILL_MERGE) and resumed with resume=auto: the
 resumed run repeats at most the steps since the last checkpoint and ends with the same adapter, bit for bit, as an
 uninterrupted run with the same config (one reference run per module, shared by the trials).
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from sft.trainer import checkpoint as ck
+from sft.trainer import checkpoint_format as ck
 from sft.io import atomic_write_json
 from sft.trainer import resume
 from sft.errors import SftError

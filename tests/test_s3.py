@@ -333,7 +333,7 @@ def test_server_stopped_mid_epoch_fails_within_the_bound_naming_the_url(tmp_path
     assert elapsed < 45, f"took {elapsed:.0f} s after the server stopped"
     from safetensors.torch import load_file
 
-    from sft.trainer import checkpoint as ck
+    from sft.trainer import checkpoint_format as ck
 
     steps = [step for step, _, complete in ck.list_checkpoints(out / "checkpoints") if complete]
     assert steps, list((out / "checkpoints").iterdir())

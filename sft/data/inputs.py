@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sft import dist
+from sft import distributed as dist
 from sft.config import RunConfig
 from sft.data.source import ShardedSource
 from sft.errors import DataError

@@ -165,7 +165,7 @@ def _key(source, tokenizer, template: str, answer_only: bool) -> str:
 
 
 def _cached(source, key: str, cache_dir: str | None) -> Counted | None:
-    from sft import dist
+    from sft import distributed as dist
 
     cached = load_cached(cache_dir, key, source.total_rows)
     # every rank must take the same branch (one rank's cache may be on a node-local disk the others lack)
@@ -186,7 +186,7 @@ def dataset_lengths(source, tokenizer, template: str, answer_only: bool, cache_d
 
     Collective when several ranks run: call it on every rank with the same arguments.
     """
-    from sft import dist
+    from sft import distributed as dist
     from sft.data.formatting import Formatter
     from sft.data.source import shard_range
 

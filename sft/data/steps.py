@@ -61,7 +61,7 @@ def _probe(cfg, tokenizer, source) -> None:
 
 
 def plan_steps(cfg, tokenizer, train_src, eval_src, per_step: int, world: int) -> StepPlan:
-    from sft import dist
+    from sft import distributed as dist
 
     L, overlong = cfg.data.seq_length, cfg.data.overlong
     cache = length_cache_dir(cfg.data.length_cache)

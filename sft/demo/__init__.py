@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from pathlib import Path
 
-from sft import dist
+from sft import distributed as dist
 from sft.config import RunConfig
 from sft.demo.evaluation import ExactMatch
 from sft.demo.task import exact_match, generate_examples, ledger_format

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from sft import dist
+from sft import distributed as dist
 from sft.config import RunConfig
 from sft.hooks import RunHooks
 

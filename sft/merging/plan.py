@@ -67,7 +67,7 @@ def _check_adapter_files(adapter_dir: Path) -> None:
 def _what_to_pass(given: Path) -> str:
     """Which --adapter to pass instead of ``given``: a run's adapter or its newest complete checkpoint, found in
     ``given`` (a run's output_dir or its checkpoints/ folder) or in the run around it."""
-    from sft.trainer.checkpoint import latest_complete
+    from sft.trainer.checkpoint_format import latest_complete
 
     found = []
     for run in (given, given.parent, given.parent.parent):

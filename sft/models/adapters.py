@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from sft.config import LoraSection
-from sft.dist import sharded_launch
+from sft.distributed import sharded_launch
 from sft.errors import ConfigError
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from sft.dist import zero3_init
+from sft.distributed import zero3_init
 from sft.io import atomic_dir
 from sft.models.architectures import build_random
 

@@ -12,7 +12,7 @@ import torch
 from sft.config import LoraSection, ModelConfig, QuantizationConfig
 from sft.errors import ModelError
 from sft.models.adapters import add_lora
-from sft.dist import sharded_launch, zero3_init
+from sft.distributed import sharded_launch, zero3_init
 from sft.models.architectures import build_random
 from sft.models.cache import dense_copy_of_gguf, materialize_arch
 from sft.models.memory import apply_checkpointing, choose_checkpointing

@@ -64,7 +64,7 @@ def available_memory_bytes() -> int:
     if torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info()
         return int(free)
-    from sft.dist import dist_info
+    from sft.distributed import dist_info
 
     local_ranks = max(1, dist_info().local_world_size)
     try:

@@ -8,7 +8,7 @@ import logging
 import torch
 
 from sft.config import QuantizationConfig
-from sft.dist import sharded_launch
+from sft.distributed import sharded_launch
 from sft.errors import ConfigError
 from sft.models.precision import _torch_dtype
 

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from sft import dist
+from sft import distributed as dist
 from sft.config import RunConfig
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from sft import dist
+from sft import distributed as dist
 from sft.config import RunConfig
 from sft.errors import ConfigError
 from sft.models.precision import uses_bf16
@@ -93,7 +93,7 @@ def _sft_arguments(cfg: RunConfig, ckpt_dir: Path, max_steps: int, eval_strategy
         save_only_model=False,
         # the data cursor restores the stream position on resume; never replay (re-iterate) the seen batches
         ignore_data_skip=True,
-        # DeepSpeed on CPU: keep the accelerate state sft.dist configured (TrainingArguments would reset it
+        # DeepSpeed on CPU: keep the accelerate state sft.distributed configured (TrainingArguments would reset it
         # and count one process)
         **({"accelerator_config": {"use_configured_state": True}}
            if device.type == "cpu" and dist.deepspeed_launch() and dist.is_initialized() else {}),

@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sft import dist
-from sft.trainer import checkpoint as ck
+from sft import distributed as dist
+from sft.trainer import checkpoint_format as ck
 from sft.trainer.resume import ResumePoint
 from sft.trainer.trainer import Collator, ShardAwareTrainer
 

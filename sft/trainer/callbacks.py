@@ -14,7 +14,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from sft import dist, faults
+from sft import distributed as dist, faults
 from sft.metrics import (StepTimer, checkpointing_fraction, cuda_memory, flops_per_token, peak_rss_bytes,
                          utilization)
 from sft.trainer.tracking import active

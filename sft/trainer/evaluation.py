@@ -7,7 +7,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from sft import dist
+from sft import distributed as dist
 from sft.data.formatting import IGNORE_INDEX as IGNORE
 from sft.ops.attention import packed_blocks
 

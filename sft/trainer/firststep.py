@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from sft import dist, faults
+from sft import distributed as dist, faults
 from sft.errors import TrainingError
 
 

@@ -5,7 +5,7 @@ Slurm (like Kubernetes) ends a job with SIGTERM and, ``KillWait`` seconds later 
 handler installed by :func:`install` only records the signal. :class:`StopOnSignal` checks at every optimizer-step
 boundary whether any rank received one (one all-reduce of a flag, so that all ranks stop at the same step even when
 the signal reached one node only), and then asks the Trainer to save ``checkpoint-N`` (written atomically, see
-sft.trainer.checkpoint) and stop. The run then raises :class:`sft.errors.Preempted`; ``sft train`` prints where
+sft.trainer.checkpoint_format) and stop. The run then raises :class:`sft.errors.Preempted`; ``sft train`` prints where
 the checkpoint is and exits with :data:`sft.errors.EXIT_PREEMPTED` (75). Rerun with ``training.resume=auto`` (the
 Slurm templates add it to a requeued job by themselves) and the run continues from that step, ending with the
 adapter of an uninterrupted run.
@@ -23,7 +23,7 @@ import time
 
 from transformers import TrainerCallback
 
-from sft import dist
+from sft import distributed as dist
 
 #: SIGTERM: scancel, preemption, ``scontrol requeue``, ``docker stop``, Kubernetes; SIGUSR1: the early warning.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

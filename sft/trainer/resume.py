@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sft import dist
+from sft import distributed as dist
 from sft.config import RunConfig
 from sft.errors import SftError
-from sft.trainer.checkpoint import (COMPLETE, OPTIMIZER, PICKLED_FILES, RESUME_META, SCHEDULER, TRAINER_STATE,
+from sft.trainer.checkpoint_format import (COMPLETE, OPTIMIZER, PICKLED_FILES, RESUME_META, SCHEDULER, TRAINER_STATE,
                                     checkpoint_step, cursor_name, is_complete, latest_complete)
 
 

@@ -8,7 +8,7 @@ import torch
 from transformers import Trainer
 
 from sft.data.formatting import IGNORE_INDEX as IGNORE
-from sft.trainer.checkpointing import CheckpointIO
+from sft.trainer.checkpoint_io import CheckpointIO
 from sft.trainer.evaluation import ShardedEvaluation
 from sft.trainer.firststep import FirstStepCheck
 

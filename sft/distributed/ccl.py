@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 
-from sft.dist.ranks import DistInfo
+from sft.distributed.ranks import DistInfo
 
 
 _ds_ccl_active = False  # set once the DeepSpeed CCLBackend workaround is in place (reported by run_metadata)

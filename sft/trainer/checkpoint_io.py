@@ -1,4 +1,4 @@
-"""Crash-safe, pickle-free checkpoints for the Trainer (the format itself: sft/trainer/checkpoint.py).
+"""Crash-safe, pickle-free checkpoints for the Trainer (the format itself: sft/trainer/checkpoint_format.py).
 
 Every rank writes into ``checkpoint-N.partial``; the main process marks it ``COMPLETE`` and renames it into place.
 The optimizer, scheduler, scaler and RNG states go to safetensors + JSON, each rank adds its data cursor, and
@@ -14,10 +14,10 @@ import os
 import shutil
 from pathlib import Path
 
-from sft import dist, faults
+from sft import distributed as dist, faults
 from sft.errors import SftError
 from sft.io import atomic_write_json
-from sft.trainer import checkpoint as ck
+from sft.trainer import checkpoint_format as ck
 
 log = logging.getLogger(__name__)
 

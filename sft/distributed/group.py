@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from sft.dist import ccl
-from sft.dist.ranks import deepspeed_launch, dist_info, fsdp_launch, is_initialized
+from sft.distributed import ccl
+from sft.distributed.ranks import deepspeed_launch, dist_info, fsdp_launch, is_initialized
 from sft.runs import format_int_list
 
 
