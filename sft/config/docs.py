@@ -114,8 +114,8 @@ def render() -> str:
             lines += _section(name, cls)
     lines += _shipped("train", "Shipped train configs", "`sft train --config NAME` (or a path to your own YAML)")
     lines += _shipped("accelerate", "Shipped launch configs",
-                      "`accelerate launch --config_file configs/accelerate/NAME.yaml -m sft.cli train ...`; `sft launch` "
-                      "picks one for you ([launching](launching.md))")
+                      "`accelerate launch --config_file configs/accelerate/NAME.yaml -m sft.cli train ...`; "
+                      "`sft launch` picks one for you ([launching](launching.md))")
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
