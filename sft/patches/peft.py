@@ -92,9 +92,10 @@ register(
     what="each lora.Linear's instance `forward` becomes sft.ops.lora.fused_forward (base GEMM + adapter as one "
          "autograd function on CPU for the plain case; PEFT's forward otherwise)",
     why="lora.fused: no fp32 copies of the activation, no full-size scaling/add passes (sft/ops/lora.py)",
-    alternative="PEFT's custom-module registration (LoraConfig._register_custom_module, experimental and private) "
-                "would build an sft subclass of lora.Linear instead; not switched: the layer class changes, which "
-                "PEFT's merge/unload and sft's checks (type(m) is lora.Linear) see; kept",
+    alternative="PEFT's custom-module registration (LoraConfig._register_custom_module; 'experimental', a private "
+                "method, documented for layer types PEFT does not support, and nn.Linear is one it does) would build "
+                "an sft subclass of lora.Linear instead; not switched: the layer class changes, which PEFT's "
+                "merge/unload and sft's checks (type(m) is lora.Linear) see; kept",
     where=__name__, check=_check_fused_lora, runs=lambda: importlib.import_module("sft.ops.lora").runs())
 
 register(

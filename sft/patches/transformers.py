@@ -17,10 +17,11 @@ import types
 
 import torch
 
-from sft.patches.registry import need, need_attr, need_params, register
+from sft.patches.registry import VERIFIED, need, need_attr, need_params, register
 from sft.patches.registry import applied as _ran
 
 LLAMA = "transformers.models.llama.modeling_llama"
+TORCH = (f"torch {VERIFIED['torch']}",)  # the kernels' torch (torch.compile, the CPU flash attention op)
 
 # -- the fused CPU ops as instance forwards -----------------------------------------------------------------------
 
@@ -151,7 +152,7 @@ register(
                 "from the Hub at model.train() and has no CPU RMSNorm with this numerics; kept. Hub kernels stay off "
                 "(sft.models.pretrained.load_pretrained, use_kernels=False): with them on, model.train() reset "
                 "these forwards (transformers 5.24, commit 1327c0e)",
-    where=__name__, check=_check_fused_norm, runs=_op_runs("sft.ops.norm"))
+    where=__name__, check=_check_fused_norm, runs=_op_runs("sft.ops.norm"), also=TORCH)
 
 register(
     FUSED_MLP, "transformers", "LlamaMLP-style modules (forward source equal to LlamaMLP.forward, SiLU act_fn)",
@@ -159,7 +160,7 @@ register(
     what="each such module's instance `forward` becomes sft.ops.mlp.swiglu_mlp (the SiLU x up product compiled)",
     why="model.fused_mlp: fewer passes, silu(g) never stored (sft/ops/mlp.py)",
     alternative="none documented for CPU (Hub kernels have no CPU SwiGLU); kept",
-    where=__name__, check=_check_fused_mlp, runs=_op_runs("sft.ops.mlp"))
+    where=__name__, check=_check_fused_mlp, runs=_op_runs("sft.ops.mlp"), also=TORCH)
 
 register(
     CHUNKED_LOSS, "transformers", "<Model>ForCausalLM instance forward (model types in capabilities.PLAIN_LM_HEAD)",
@@ -248,7 +249,7 @@ register(
     why="model.fast_attention_backward: 1.6-1.8x faster per-document attention fwd+bwd on AMX (sft/ops/attention.py)",
     alternative="a second registered attention name (AttentionInterface) would carry the choice without touching "
                 "modules, but changes the attn_implementation saved in the adapter's config; kept",
-    where=__name__, check=_check_math_backward, runs=_op_runs("sft.ops.attention"))
+    where=__name__, check=_check_math_backward, runs=_op_runs("sft.ops.attention"), also=TORCH)
 
 
 # -- attributes transformers' layers read ---------------------------------------------------------------------------
