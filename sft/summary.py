@@ -1,5 +1,5 @@
 """What a run reports: :class:`RunSummary` (``sft.train``'s return value, printed by ``sft train``) and
-summary.json (the summary, the resolved config, rank facts and step timing)."""
+summary.json (the summary, the resolved config, rank facts, step timing and the library patches that ran)."""
 
 from __future__ import annotations
 
@@ -49,4 +49,8 @@ class RunSummary:
 
 
 def write_summary(path: Path, summary: RunSummary, config: dict, run: dict, timing: dict) -> None:
-    atomic_write_json(path, {"summary": asdict(summary), "config": config, "run": run, "timing": timing}, indent=2)
+    """summary.json; ``patches``: the names of sft's library patches that ran in this process (sft.patches)."""
+    from sft.patches import ran
+
+    atomic_write_json(path, {"summary": asdict(summary), "config": config, "run": run, "timing": timing,
+                             "patches": ran()}, indent=2)

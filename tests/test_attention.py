@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from sft.config import LoraSection, ModelConfig, QuantizationConfig
 from sft.models import build_random, load_model_and_tokenizer, resolve_attention, set_base_dropout
-from sft.ops.attention import MATH_BACKWARD_ATTR, _CausalFlashMathBackward, use_math_backward, varlen_sdpa_forward
+from sft.ops.attention import MATH_BACKWARD_ATTR, _CausalFlashMathBackward, varlen_sdpa_forward
+from sft.patches.transformers import use_math_backward
 
 
 class _Attn(torch.nn.Module):

@@ -4,7 +4,8 @@ gradient of the mask it applied, masks reproduced by the seed, and installed on 
 import pytest
 import torch
 
-from sft.ops.dropout import LANES, FastDropout, dropout, install_fast_dropout
+from sft.ops.dropout import LANES, FastDropout, dropout
+from sft.patches.peft import install_fast_dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3])

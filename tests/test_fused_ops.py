@@ -10,12 +10,13 @@ import torch
 
 from sft.models import build_random
 from sft.ops import mlp, norm
+from sft.patches.transformers import install_fused_mlp, install_fused_norm
 
 # op name -> (module, installer, class-name suffix of the modules it routes, routed modules per decoder layer,
 # extra routed modules, input width of a routed module)
 OPS = {
-    "norm": (norm, norm.install_fused_norm, "RMSNorm", 2, 1, lambda m: m.weight.shape[0]),
-    "mlp": (mlp, mlp.install_fused_mlp, "MLP", 1, 0, lambda m: m.gate_proj.in_features),
+    "norm": (norm, install_fused_norm, "RMSNorm", 2, 1, lambda m: m.weight.shape[0]),
+    "mlp": (mlp, install_fused_mlp, "MLP", 1, 0, lambda m: m.gate_proj.in_features),
 }
 
 

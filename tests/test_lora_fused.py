@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from sft.ops.dropout import install_fast_dropout
-from sft.ops.lora import fused_forward, install_fused_lora
+from sft.ops.lora import fused_forward
+from sft.patches.peft import install_fast_dropout, install_fused_lora
 
 
 class _Proj(torch.nn.Module):

@@ -6,6 +6,7 @@ import torch
 
 from sft.models import build_random
 from sft.ops import mlp as fused
+from sft.patches.transformers import install_fused_mlp
 
 
 def _mlps(model):
@@ -35,7 +36,7 @@ def test_the_product_no_longer_stores_silu_of_the_gate():
     inter = mlp.gate_proj.out_features
     x = torch.randn(4, 16, mlp.gate_proj.in_features, requires_grad=True)
     eager = _saved_bytes(mlp, x)
-    fused.install_fused_mlp(torch.nn.ModuleList([mlp]))
+    install_fused_mlp(torch.nn.ModuleList([mlp]))
     got = _saved_bytes(mlp, x)
     # eager keeps gate, silu(gate) and up; the fused product keeps gate and up only
     assert eager - got == 4 * 16 * inter * 4, (eager, got)
@@ -45,5 +46,5 @@ def test_only_llama_style_silu_mlps_are_routed():
     model = build_random("tiny-llama", 0)
     mlp = _mlps(model)[0]
     mlp.act_fn = torch.nn.GELU()
-    assert fused.install_fused_mlp(torch.nn.ModuleList([mlp])) == 0
-    assert fused.install_fused_mlp(build_random("tiny-opt", 0)) == 0  # OPT: fc1 / fc2, ReLU
+    assert install_fused_mlp(torch.nn.ModuleList([mlp])) == 0
+    assert install_fused_mlp(build_random("tiny-opt", 0)) == 0  # OPT: fc1 / fc2, ReLU

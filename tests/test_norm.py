@@ -6,6 +6,7 @@ import torch
 
 from sft.models import build_random
 from sft.ops import norm as fused
+from sft.patches.transformers import install_fused_norm
 
 
 def test_under_autocast_the_output_is_what_the_projections_would_cast_it_to():
@@ -29,6 +30,6 @@ def test_only_llama_style_norms_are_routed():
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)
 
     m = torch.nn.Sequential(OffsetNorm())
-    assert fused.install_fused_norm(m) == 0
+    assert install_fused_norm(m) == 0
     assert not fused.is_llama_rmsnorm(OffsetNorm)
-    assert fused.install_fused_norm(build_random("tiny-opt", 0)) == 0  # OPT: LayerNorm
+    assert install_fused_norm(build_random("tiny-opt", 0)) == 0  # OPT: LayerNorm

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from sft.config import LoraSection, ModelConfig, QuantizationConfig
 from sft.data.packing import pack_examples
-from sft.ops.loss import chunked_causal_lm_loss, install_chunked_loss
+from sft.ops.loss import chunked_causal_lm_loss
+from sft.patches.transformers import install_chunked_loss
 from sft.metrics import checkpointing_fraction
 from sft.models import (add_lora, resolve_attention, apply_checkpointing, arch_config, build_random, choose_checkpointing, layer_activation_bytes,
                         load_model_and_tokenizer, logits_bytes, set_base_dropout)
@@ -453,8 +454,7 @@ def test_compiled_model_with_lora_dropout_does_not_recompile_for_new_label_count
     eager one with the same dropout masks."""
     from peft import LoraConfig, get_peft_model
 
-    from sft.ops.dropout import install_fast_dropout
-    from sft.ops.lora import install_fused_lora
+    from sft.patches.peft import install_fast_dropout, install_fused_lora
 
     model = build_random("tiny-llama", 0)
     set_base_dropout(model, 0.0)

@@ -62,13 +62,9 @@ def _init_deepspeed_ccl(info: DistInfo, timeout: datetime.timedelta) -> None:
         from deepspeed.accelerator import get_accelerator
     except ImportError as e:
         raise RuntimeError(f"backend ds-ccl needs deepspeed: pip install 'deepspeed>=0.16' ({e})") from e
-    acc = get_accelerator()
-    if acc.device_name() != "cpu" or not hasattr(acc, "_communication_backend_name"):
-        raise RuntimeError(
-            f"backend ds-ccl: DeepSpeed's accelerator is {type(acc).__name__} ({acc.device_name()}), expected "
-            "CPU_Accelerator with a _communication_backend_name attribute (verified with deepspeed 0.19.8)"
-        )
-    acc._communication_backend_name = "ccl"  # private attribute: the only way to select CCLBackend without the binding
+    from sft.patches.deepspeed import select_ccl
+
+    select_ccl(get_accelerator())  # a private attribute: the only way to select CCLBackend without the binding
     try:
         deepspeed.init_distributed(dist_backend="ccl", timeout=timeout)
     except Exception as e:

@@ -17,6 +17,7 @@ import torch.distributed as tdist
 
 from sft.distributed import ccl
 from sft.distributed.ranks import deepspeed_launch, dist_info, fsdp_launch, is_initialized
+from sft.patches.accelerate import enable_fsdp_on_cpu
 from sft.runs import format_int_list
 
 
@@ -49,41 +50,6 @@ def choose_backend(device: str = "cpu", requested: str | None = None) -> str:
     if tdist.is_available() and tdist.is_mpi_available():
         return "mpi"
     return "gloo"
-
-
-def enable_fsdp_on_cpu() -> None:
-    """Let accelerate's FSDP plugin run on CPU ranks (FSDP2 only; torch's FSDP2 ``fully_shard`` works on a CPU
-    device mesh over gloo).
-
-    accelerate 1.15 keeps the FSDP plugin only for GPU-like distributed types: on CPU the state is MULTI_CPU, the
-    plugin is dropped without a word and the Trainer wraps the model in plain DDP. This wraps
-    ``AcceleratorState.__init__`` so that a MULTI_CPU state given an FSDP plugin becomes an FSDP state with that
-    plugin (and its mixed precision), as it would be on GPUs. It changes nothing on GPUs (never MULTI_CPU) and
-    nothing without an FSDP plugin. FSDP1 stays impossible on CPU (torch: "FSDP needs a non-CPU accelerator
-    device"), which is why the shipped config is FSDP2. Checked with accelerate 1.15.0; a later version that
-    supports this itself makes the wrapper a no-op."""
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    if getattr(AcceleratorState.__init__, "_sft_fsdp_on_cpu", False):
-        return
-    original = AcceleratorState.__init__
-
-    def __init__(self, mixed_precision=None, cpu=False, dynamo_plugin=None, deepspeed_plugin=None, fsdp_plugin=None,
-                 *args, **kwargs):
-        original(self, mixed_precision, cpu, dynamo_plugin, deepspeed_plugin, fsdp_plugin, *args, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            if str(getattr(fsdp_plugin, "fsdp_version", 1)) != "2":
-                raise RuntimeError("FSDP on CPU needs fsdp_version: 2 in the accelerate config (torch's FSDP1 "
-                                   "refuses CPU devices)")
-            self.distributed_type = DistributedType.FSDP
-            if self._mixed_precision != "no":
-                fsdp_plugin.set_mixed_precision(self._mixed_precision)
-            self.fsdp_plugin = fsdp_plugin
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-
-    __init__._sft_fsdp_on_cpu = True
-    AcceleratorState.__init__ = __init__
 
 
 def init_process_group_if_needed(timeout_s: int = DEFAULT_TIMEOUT_S, device: str = "cpu") -> bool:

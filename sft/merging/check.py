@@ -37,11 +37,10 @@ def _reference_base(model_cfg, quant_cfg, seed: int, base_dir: Path | None, dtyp
     cfg = ModelConfig(**{**asdict(cfg), "attn_implementation": "sdpa"})
     base = load_base_model(cfg, quant_cfg, seed=seed, source=resolve_source(cfg))
     if quant_cfg.mode == "nf4":
+        from sft.patches.transformers import forget_quantization
+
         base = base.dequantize()
-        base.hf_quantizer = None
-        base.is_quantized = False
-        if hasattr(base.config, "quantization_config"):
-            del base.config.quantization_config
+        forget_quantization(base)
     return base.to(dtype)
 
 

@@ -56,8 +56,7 @@ def dense_copy_of_gguf(folder: str, file: str) -> Path:
     if (out / "config.json").exists():
         return out
     model = load_pretrained(folder, gguf_file=file, dtype=torch.float32)
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    from sft.patches.transformers import forget_quantization
+
+    forget_quantization(model)
     return _save_once(out, lambda tmp: model.save_pretrained(tmp, safe_serialization=True))

@@ -17,10 +17,12 @@ from sft.models.architectures import build_random
 from sft.models.cache import dense_copy_of_gguf, materialize_arch
 from sft.models.memory import apply_checkpointing, choose_checkpointing
 from sft.models.precision import _torch_dtype, apply_dtype_policy
-from sft.models.quantization import _bnb_config, _keep_4bit_layout
+from sft.models.quantization import _bnb_config
 from sft.models.sources import ModelSource, resolve_source
 from sft.models.tokenizers import load_tokenizer
 from sft.ops.capabilities import supports
+from sft.patches import bitsandbytes as bnb_patches, peft as peft_patches, transformers as tf_patches
+from sft.patches.transformers import set_base_dropout
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +43,7 @@ def resolve_attention(name: str, model_type: str | None = None) -> str:
         isolates = model_type is not None and supports("mask_isolates_packed", model_type)
         name = "sdpa" if isolates and torch.cuda.is_available() else "sft_varlen"
     if name == "sft_varlen":
-        from sft.ops.attention import register
-
-        register()
+        tf_patches.register_attention()
     return name
 
 
@@ -91,7 +91,7 @@ def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42,
                                                              use_safetensors=True, dtype=dtype, attn_implementation=attn)
             else:
                 model = build_random(source.path, seed)
-                model.config._attn_implementation = attn
+                tf_patches.set_attention(model, attn)
         elif source.kind == "gguf":
             if quant.mode == "nf4":
                 model = load_pretrained(dense_copy_of_gguf(source.path, source.gguf_file),
@@ -114,7 +114,7 @@ def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42,
     if quant.mode != "nf4":
         apply_dtype_policy(model, cfg.dtype)
     else:
-        _keep_4bit_layout(model)
+        bnb_patches.keep_4bit_layout(model)
     return model
 
 
@@ -145,23 +145,15 @@ def prepare_model(model, tokenizer, model_cfg: ModelConfig, lora_cfg: LoraSectio
         # own fetch of the same tensor ("Cannot free a ZeRO-3 parameter while it is still active").
         log.info("model.chunked_loss: not used under DeepSpeed ZeRO-3 (the model's own loss runs)")
     elif model_cfg.chunked_loss:
-        from sft.ops.loss import install_chunked_loss
-
-        if not install_chunked_loss(model):
+        if not tf_patches.install_chunked_loss(model):
             log.info("model.chunked_loss: %s is not a supported model type; using its own loss",
                      getattr(model.config, "model_type", "?"))
     if model_cfg.fused_norm and not zero3_init():
-        from sft.ops.norm import install_fused_norm
-
-        model._sft_fused_norm = install_fused_norm(model) > 0
+        model._sft_fused_norm = tf_patches.install_fused_norm(model) > 0
     if model_cfg.fused_mlp and not zero3_init():
-        from sft.ops.mlp import install_fused_mlp
-
-        model._sft_fused_mlp = install_fused_mlp(model) > 0
+        model._sft_fused_mlp = tf_patches.install_fused_mlp(model) > 0
     if model_cfg.fast_attention_backward:
-        from sft.ops.attention import use_math_backward
-
-        use_math_backward(model)
+        tf_patches.use_math_backward(model)
     if lora_cfg is not None:
         torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same adapter init
         checkpointing, keep = model_cfg.gradient_checkpointing, 0
@@ -174,38 +166,14 @@ def prepare_model(model, tokenizer, model_cfg: ModelConfig, lora_cfg: LoraSectio
             checkpointing = keep < getattr(model.config, "num_hidden_layers", 0)
         model = add_lora(model, lora_cfg, checkpointing, quantized=quant.mode == "nf4")
         if lora_cfg.fast_dropout:
-            from sft.ops.dropout import install_fast_dropout
-
-            install_fast_dropout(model)
+            peft_patches.install_fast_dropout(model)
         if lora_cfg.fused and not sharded_launch() and not zero3_init():
-            from sft.ops.lora import install_fused_lora
-
-            install_fused_lora(model)
+            peft_patches.install_fused_lora(model)
         if checkpointing and keep:
             apply_checkpointing(model, keep)
         model.sft_checkpointing = checkpointing  # what `auto` resolved to (the config is not changed)
     return model
 
 
-_DROPOUT_ATTRS = ("dropout", "attention_dropout", "attn_dropout", "activation_dropout", "hidden_dropout",
-                  "resid_dropout", "embd_dropout")
-
-
-def set_base_dropout(model: torch.nn.Module, p: float) -> int:
-    """Set every dropout of the base model to ``p``: ``nn.Dropout`` modules, and the float attributes that
-    transformers' layers pass to ``F.dropout`` (OPT's ``dropout`` / ``activation_dropout``, Llama's
-    ``attention_dropout``, ...). The config is updated too, so a saved config says what was trained. Call before
-    adding LoRA (its dropout is lora.dropout). Returns how many places were changed."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p, n = p, n + 1
-        for a in _DROPOUT_ATTRS:
-            if isinstance(getattr(m, a, None), float) and not isinstance(m, torch.nn.Dropout):
-                setattr(m, a, float(p))
-                n += 1
-    for a in _DROPOUT_ATTRS + ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop",
-                               "attn_pdrop"):
-        if isinstance(getattr(model.config, a, None), float):
-            setattr(model.config, a, float(p))
-    return n
+__all__ = ["load_base_model", "load_model_and_tokenizer", "prepare_model", "prepare_weights", "resolve_attention",
+           "set_base_dropout"]

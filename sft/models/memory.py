@@ -124,9 +124,6 @@ def apply_checkpointing(model, keep_layers: int | None) -> int:
     """After ``activation_checkpointing_enable``: let the first ``keep_layers`` checkpointed layers keep their
     activations (selective checkpointing; transformers checks each layer's ``gradient_checkpointing`` flag).
     Returns the number of layers that still recompute."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
+    from sft.patches.transformers import keep_activations
 
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-    for m in layers[:keep_layers or 0]:
-        m.gradient_checkpointing = False
-    return len(layers) - min(len(layers), keep_layers or 0)
+    return keep_activations(model, keep_layers)

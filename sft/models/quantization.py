@@ -106,18 +106,3 @@ def quantized_weight_names(config, q: QuantizationConfig) -> set[str]:
         tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
         return {f"{n}.weight" for n, m in model.named_modules()
                 if type(m) is torch.nn.Linear and m is not head and f"{n}.weight" not in tied}
-
-
-def _keep_4bit_layout(model: torch.nn.Module) -> None:
-    """Stop bitsandbytes from repacking NF4 weights for its AVX512-BF16 CPU kernel.
-
-    On such CPUs an inference-mode forward (evaluation) rewrites ``weight.data`` of every Linear4bit into a CPU
-    tile layout for good, and the training forwards after it run on that layout with other rounding: a run that
-    evaluated at step 2 and one resumed from step 2 then train steps 3.. differently (measured: adapters 9e-3
-    apart, tests/test_strategies.py), so resume is no longer exact. Under ZeRO-3 / FSDP the weight is a sharded
-    bf16-stored tensor: the rewrite corrupts the shard and the first checkpoint fails with an AssertionError
-    inside bitsandbytes' ``state_dict`` (AMD EPYC with avx512_bf16, bitsandbytes 0.50.2). Training keeps one
-    layout; evaluation is slower on those CPUs for it."""
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False

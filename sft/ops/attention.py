@@ -12,7 +12,8 @@ Used on packed blocks: while training (module.training), and in sft's evaluation
 inside :func:`packed_blocks`; always with position ids and no KV cache. Everything else (generation with padding
 and a cache) goes to transformers' own SDPA path with its mask. It runs on CPU and CUDA alike; on CUDA,
 FlashAttention-2's varlen kernel (``model.attn_implementation=flash_attention_2``, with the flash-attn package)
-does the same in one kernel.
+does the same in one kernel. Registered with transformers (``attn_implementation="sft_varlen"``) by
+``sft.patches.transformers.register_attention``.
 """
 
 from __future__ import annotations
@@ -114,24 +115,22 @@ class _CausalFlashMathBackward(torch.autograd.Function):
         return torch.matmul(ds, k), torch.matmul(ds.transpose(1, 2), q), dv, None
 
 
-#: set on a model's attention modules by :func:`use_math_backward` (``model.fast_attention_backward``)
+#: set on a model's attention modules by ``sft.patches.transformers.use_math_backward``
+#: (``model.fast_attention_backward``); read here
 MATH_BACKWARD_ATTR = "_sft_attention_math_backward"
 
+_state = {"runs": 0}  # documents whose attention took the math backward (the canary reads it)
 
-def use_math_backward(model: torch.nn.Module) -> int:
-    """Route ``model``'s per-document bf16 CPU attention through :class:`_CausalFlashMathBackward`; returns how
-    many attention modules were marked."""
-    n = 0
-    for m in model.modules():
-        if hasattr(m, "is_causal") and type(m).__name__.endswith("Attention"):
-            setattr(m, MATH_BACKWARD_ATTR, True)
-            n += 1
-    return n
+
+def runs() -> int:
+    """How many documents' attention ran with :class:`_CausalFlashMathBackward` in this process (sft/patches canaries)."""
+    return _state["runs"]
 
 
 def _attend(q, k, v, dropout: float, scaling, math_backward: bool):
     """Causal attention of one document, (H, len, D) -> (H, len, D)."""
     if math_backward and (q.requires_grad or k.requires_grad or v.requires_grad):
+        _state["runs"] += 1
         return _CausalFlashMathBackward.apply(q, k, v, q.shape[-1] ** -0.5 if scaling is None else float(scaling))
     return F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, is_causal=True,
                                           scale=scaling)[0]
@@ -176,14 +175,3 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
                  for q, k, v in zip(qb.split(sizes, dim=1), kb.split(sizes, dim=1), vb.split(sizes, dim=1))]
         rows.append(torch.cat(parts, dim=0) if len(parts) > 1 else parts[0].contiguous())
     return torch.stack(rows, dim=0).to(out_dtype), None  # (B, L, H, D), contiguous
-
-
-def register() -> str:
-    """Make ``attn_implementation="sft_varlen"`` known to transformers (attention function and mask builder: the
-    SDPA mask, used by the fallback path). Idempotent."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
-    AttentionInterface.register(NAME, varlen_sdpa_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    return NAME

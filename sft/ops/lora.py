@@ -22,16 +22,17 @@ Numerically this is PEFT's computation under autocast up to where the scalar fac
 matrices instead of the activations: a different bf16 rounding of the same products). Used on CPU while autograd is
 on, for the plain case: a ``torch.nn.Linear`` base (not 4-bit, not under ZeRO-3 / FSDP, which own the base
 weight's storage), one active vanilla adapter (no DoRA or other variant), not merged, adapters enabled; anything else
-runs PEFT's own forward. Unsloth's ``fast_lora`` publishes the same idea as Triton kernels for CUDA.
+runs PEFT's own forward. Installed on PEFT's ``lora.Linear`` instances by ``sft.patches.peft.install_fused_lora``. Unsloth's ``fast_lora`` publishes the same idea as Triton kernels for CUDA.
 """
 
 from __future__ import annotations
 
-import types
-
 import torch
 
 from sft.ops.dropout import LANES, FastDropout, drop_mask
+
+
+_state = {"runs": 0}  # forwards through _LoraLinear (the canary reads it)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -125,19 +126,12 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(self).forward(self, x)
     compute_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     base = self.base_layer
+    _state["runs"] += 1
     with torch.autocast("cpu", enabled=False):
         return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                                  float(self.scaling[name]), p, compute_dtype)
 
 
-def install_fused_lora(model: torch.nn.Module) -> int:
-    """Route every PEFT ``lora.Linear`` of ``model`` through :func:`fused_forward` (an instance-level ``forward``;
-    the class, the adapter weights and what is saved are unchanged). Returns how many modules were routed."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    n = 0
-    for m in model.modules():
-        if type(m) is LoraLinear:
-            m.forward = types.MethodType(fused_forward, m)
-            n += 1
-    return n
+def runs() -> int:
+    """How many LoRA forwards ran the fused function in this process (sft/patches canaries)."""
+    return _state["runs"]

@@ -16,11 +16,12 @@ memory, and with it what else fits (e.g. no activation checkpointing). Liger-Ker
 Semantics follow transformers' ``ForCausalLMLoss``: labels are shifted inside (position t predicts label t+1),
 -100 is ignored, and with ``num_items_in_batch`` the summed loss is divided by it (gradient accumulation across
 micro-batches and ranks), otherwise by the number of labelled tokens.
+
+Installed as the model's forward (with labels) by ``sft.patches.transformers.install_chunked_loss``.
 """
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -28,6 +29,8 @@ import torch
 from sft.ops.capabilities import supports
 
 IGNORE_INDEX = -100
+
+_state = {"runs": 0}  # losses computed by chunked_causal_lm_loss (the canary reads it)
 
 
 def default_chunk(vocab: int, itemsize: int = 2, budget_bytes: int = 256 * 2**20) -> int:
@@ -137,6 +140,7 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: 
     """The causal-LM loss of ``head(hidden)`` against ``labels`` (batch x seq), never building all logits.
 
     Equal to ``ForCausalLMLoss(head(hidden), labels, vocab, num_items_in_batch)`` up to fp32 summation order."""
+    _state["runs"] += 1
     weight, bias = head.weight, head.bias
     shift = labels[:, 1:].reshape(-1)
     keep = shift != IGNORE_INDEX
@@ -168,36 +172,6 @@ def _loss(h, weight, bias, y, scale, chunk, compute_dtype, need_w) -> torch.Tens
         return _ChunkedLinearCrossEntropy.apply(h, weight, bias, y, scale, chunk, compute_dtype, need_w)
 
 
-def install_chunked_loss(model, chunk: int | None = None) -> bool:
-    """Route ``model(…, labels=…)`` through :func:`chunked_causal_lm_loss`. Returns False (and changes nothing)
-    for model types not known to have a plain ``lm_head(hidden)`` head.
-
-    The instance's ``forward`` is replaced: with labels, the base module computes the hidden states and the loss
-    comes from the chunked path (``logits`` is None in the output); without labels (generation, inference) the
-    model's own forward runs unchanged. Call before wrapping the model with PEFT."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    if not supports("plain_lm_head", getattr(model.config, "model_type", None)):
-        return False
-    head = model.get_output_embeddings()
-    body = getattr(model, model.base_model_prefix, None)
-    if not isinstance(head, torch.nn.Linear) or body is None:
-        return False
-    original = model.forward
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
-                num_items_in_batch=None, **kwargs):
-        if labels is None or kwargs.get("shift_labels") is not None or kwargs.get("output_hidden_states"):
-            return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            labels=labels, inputs_embeds=inputs_embeds, num_items_in_batch=num_items_in_batch, **kwargs)
-        kwargs.pop("logits_to_keep", None)
-        kwargs.pop("return_dict", None)
-        kwargs["use_cache"] = False
-        out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   inputs_embeds=inputs_embeds, **kwargs)
-        loss = chunked_causal_lm_loss(out.last_hidden_state, head, labels, num_items_in_batch, chunk)
-        return CausalLMOutputWithPast(loss=loss, logits=None)
-
-    model.forward = types.MethodType(forward, model)
-    model._sft_chunked_loss = True
-    return True
+def runs() -> int:
+    """How many losses the chunked path computed in this process (sft/patches canaries)."""
+    return _state["runs"]

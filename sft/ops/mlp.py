@@ -12,7 +12,8 @@ Numerics: fp32 inputs give the eager values up to fp32 rounding; bf16 inputs (un
 inside the kernel and rounded once, where eager rounds ``silu(g)`` to bf16 before the product.
 
 Measured: see ``layer_activation_bytes`` (sft/models/memory.py) for what a layer keeps, and the ``eager-mlp``
-variant of ``sft bench`` for the step time. Applied to modules whose ``forward`` has the source of
+variant of ``sft bench`` for the step time. Installed by ``sft.patches.transformers.install_fused_mlp`` (an
+instance-level ``forward``) on modules whose ``forward`` has the source of
 ``LlamaMLP.forward`` and whose activation is SiLU, on CPU and with autograd on; everything else (other devices,
 evaluation, generation) runs the module's own forward. A machine where compilation fails falls back to that with
 one warning.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import types
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from sft.ops.capabilities import has_forward_of
 
 log = logging.getLogger(__name__)
 
-_state = {"broken": False}
+_state = {"broken": False, "runs": 0}  # runs: compiled-kernel forwards (the canary reads it)
 
 
 def _silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -53,6 +53,8 @@ def swiglu_mlp(module, x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu" or _state["broken"] or not torch.is_grad_enabled():
         return type(module).forward(module, x)
     g, u = module.gate_proj(x), module.up_proj(x)
+    if not torch.compiler.is_compiling():
+        _state["runs"] += 1
     try:
         with torch.autocast("cpu", enabled=False):
             h = _compiled()(g, u)
@@ -73,13 +75,12 @@ def _is_silu(act) -> bool:
     return type(act) in (torch.nn.SiLU, SiLUActivation)
 
 
-def install_fused_mlp(model: torch.nn.Module) -> int:
-    """Route every Llama-style SiLU MLP of ``model`` through :func:`swiglu_mlp` (an instance-level ``forward``; the
-    class, saved weights and the merged model are unchanged). Returns how many modules were routed."""
-    n = 0
-    for m in model.modules():
-        if is_llama_mlp(type(m)) and _is_silu(getattr(m, "act_fn", None)) \
-                and all(hasattr(m, p) for p in ("gate_proj", "up_proj", "down_proj")):
-            m.forward = types.MethodType(swiglu_mlp, m)
-            n += 1
-    return n
+def applies_to(m: torch.nn.Module) -> bool:
+    """Whether :func:`swiglu_mlp` can be ``m``'s forward: a Llama-style MLP with a SiLU activation."""
+    return is_llama_mlp(type(m)) and _is_silu(getattr(m, "act_fn", None)) \
+        and all(hasattr(m, p) for p in ("gate_proj", "up_proj", "down_proj"))
+
+
+def runs() -> int:
+    """How many training forwards ran the compiled kernel in this process (sft/patches canaries)."""
+    return _state["runs"]

@@ -16,7 +16,7 @@ Measured, fwd + bwd of one (8, 512, 576) bf16 input, 2-core AMX Xeon, torch 2.13
 compiles (~15 s with an empty inductor cache, ~2 s from the cache in ``$TORCHINDUCTOR_CACHE_DIR``); a machine where
 compilation fails (no C++ compiler) falls back to transformers' forward with one warning.
 
-Applied to modules whose ``forward`` has the source of ``LlamaRMSNorm.forward`` (checked per class, so a model
+Installed by ``sft.patches.transformers.install_fused_norm`` (an instance-level ``forward``) on modules whose ``forward`` has the source of ``LlamaRMSNorm.forward`` (checked per class, so a model
 whose norm differs, such as Gemma's ``1 + weight``, keeps its own), on CPU tensors and with autograd on (training forwards
 and their recomputation); other devices, evaluation and generation run the module's own forward.
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import types
 
 import torch
 
@@ -33,7 +32,7 @@ from sft.ops.capabilities import has_forward_of
 
 log = logging.getLogger(__name__)
 
-_state = {"broken": False}
+_state = {"broken": False, "runs": 0}  # runs: compiled-kernel forwards (the canary reads it)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
@@ -61,6 +60,8 @@ def rms_norm(module, x: torch.Tensor) -> torch.Tensor:
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
     if torch.is_autocast_enabled("cpu"):
         out_dtype = torch.get_autocast_dtype("cpu")
+    if not torch.compiler.is_compiling():
+        _state["runs"] += 1
     try:
         with torch.autocast("cpu", enabled=False):
             return _compiled()(x, weight, float(module.variance_epsilon), out_dtype)
@@ -72,13 +73,12 @@ def rms_norm(module, x: torch.Tensor) -> torch.Tensor:
         return type(module).forward(module, x)
 
 
-def install_fused_norm(model: torch.nn.Module) -> int:
-    """Route every Llama-style RMSNorm of ``model`` through :func:`rms_norm` (an instance-level ``forward``; the
-    class, saved weights and the merged model are unchanged). Returns how many modules were routed."""
-    n = 0
-    for m in model.modules():
-        if is_llama_rmsnorm(type(m)) and isinstance(getattr(m, "weight", None), torch.Tensor) \
-                and isinstance(getattr(m, "variance_epsilon", None), float):
-            m.forward = types.MethodType(rms_norm, m)
-            n += 1
-    return n
+def applies_to(m: torch.nn.Module) -> bool:
+    """Whether :func:`rms_norm` can be ``m``'s forward: a Llama-style RMSNorm with a weight and a float epsilon."""
+    return is_llama_rmsnorm(type(m)) and isinstance(getattr(m, "weight", None), torch.Tensor) \
+        and isinstance(getattr(m, "variance_epsilon", None), float)
+
+
+def runs() -> int:
+    """How many training forwards ran the compiled kernel in this process (sft/patches canaries)."""
+    return _state["runs"]

@@ -111,14 +111,10 @@ def _cpu_deepspeed_bf16(cfg: RunConfig):
             and uses_bf16(cfg.model.dtype, cfg.quantization.mode, cfg.quantization.compute_dtype)):
         yield
         return
-    import transformers.training_args as ta
+    from sft.patches.transformers import bf16_allowed_on_cpu
 
-    original = ta.is_torch_bf16_gpu_available
-    ta.is_torch_bf16_gpu_available = lambda: True
-    try:
+    with bf16_allowed_on_cpu():
         yield
-    finally:
-        ta.is_torch_bf16_gpu_available = original
 
 
 def leave_sharded_mode() -> None:

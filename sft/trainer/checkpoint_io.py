@@ -4,7 +4,8 @@ Every rank writes into ``checkpoint-N.partial``; the main process marks it ``COM
 The optimizer, scheduler, scaler and RNG states go to safetensors + JSON, each rank adds its data cursor, and
 ``training_args.bin`` (a pickle) is never written. ``checkpoint_extras(dir)`` (main process) adds files of ours
 (sft_base.json, sft_resume.json) before the checkpoint is marked complete. DeepSpeed and FSDP keep their own
-optimizer formats (their engines write them).
+optimizer formats (their engines write them). Each overridden private Trainer method is a registered patch
+(``@override``, sft/patches/transformers.py: TRAINER_OVERRIDES), listed in summary.json when it ran.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from sft import distributed as dist, faults
+from sft.patches.registry import override
 from sft.errors import SftError
 from sft.io import atomic_write_json
 from sft.trainer import checkpoint_format as ck
@@ -31,6 +33,7 @@ class CheckpointIO:
         return not (self.is_deepspeed_enabled or self.is_fsdp_enabled or is_torch_xla_available()
                     or is_sagemaker_mp_enabled())
 
+    @override("transformers.Trainer._save_checkpoint")
     def _save_checkpoint(self, model, trial):
 
         step = self.state.global_step
@@ -80,6 +83,7 @@ class CheckpointIO:
             ck.rotate(run_dir, self.args.save_total_limit, final, protect=(self.state.best_model_checkpoint,))
         self.accelerator.wait_for_everyone()
 
+    @override("transformers.Trainer._save")
     def _save(self, output_dir=None, state_dict=None):
         """transformers' ``_save`` without ``torch.save(self.args, "training_args.bin")`` (a pickle)."""
         from peft import PeftModel
@@ -106,6 +110,7 @@ class CheckpointIO:
         if self.args.should_save and self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
+    @override("transformers.Trainer._save_optimizer_and_scheduler")
     def _save_optimizer_and_scheduler(self, output_dir):
         if not self._own_optimizer_format():
             return super()._save_optimizer_and_scheduler(output_dir)
@@ -113,14 +118,17 @@ class CheckpointIO:
             ck.save_optimizer(self.optimizer, output_dir)
             ck.save_state(self.lr_scheduler.state_dict(), output_dir, ck.SCHEDULER)
 
+    @override("transformers.Trainer._save_scaler")
     def _save_scaler(self, output_dir):
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and self.args.should_save:
             ck.save_state(scaler.state_dict(), output_dir, ck.SCALER)
 
+    @override("transformers.Trainer._save_rng_state")
     def _save_rng_state(self, output_dir):
         ck.save_state(ck.capture_rng(), output_dir, ck.rng_name(self.args.process_index))
 
+    @override("transformers.Trainer._load_optimizer_and_scheduler")
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is None:
             return
@@ -132,11 +140,13 @@ class CheckpointIO:
         ck.load_optimizer(self.optimizer, checkpoint)
         self.lr_scheduler.load_state_dict(ck.load_state(checkpoint, ck.SCHEDULER))
 
+    @override("transformers.Trainer._load_scaler")
     def _load_scaler(self, checkpoint):
         scaler = getattr(self.accelerator, "scaler", None)
         if checkpoint is not None and scaler is not None and ck.has_state(checkpoint, ck.SCALER):
             scaler.load_state_dict(ck.load_state(checkpoint, ck.SCALER))
 
+    @override("transformers.Trainer._load_rng_state")
     def _load_rng_state(self, checkpoint):
         if checkpoint is None:
             return

@@ -22,6 +22,7 @@ import math
 import torch
 
 from sft import distributed as dist, faults
+from sft.patches.registry import override
 from sft.errors import TrainingError
 
 
@@ -78,6 +79,7 @@ class FirstStepCheck:
             self._first_step_losses.append(float(loss.detach().float().sum()))
         return loss
 
+    @override("transformers.Trainer._maybe_log_save_evaluate")
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
         if not getattr(self, "_first_step_checked", False):
             from sft.trainer.trainer import strategy
