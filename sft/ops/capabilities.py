@@ -64,3 +64,26 @@ def has_forward_of(cls: type, module: str, cls_name: str) -> bool:
         return inspect.getsource(cls.forward) == ref
     except (OSError, TypeError):
         return False
+
+
+def run_compiled(fn, *args):
+    """``fn(*args)`` for a compiled kernel, under the caller's ``except Exception`` fallback to eager code: raises
+    :class:`CompileFailed` for a failure of the compiled call, and lets through the exceptions that are not
+    failures. torch's non-reentrant activation checkpoint stops a recomputation early by raising from a
+    saved-tensor hook (``torch.utils.checkpoint._StopRecomputationError``), which can fire inside a compiled
+    kernel; taken for a compiler failure, the layer went on in eager code and backward died with "Unexpected
+    state: target_frame.early_stop is set" (every recomputed layer of a QLoRA run, tests/test_recompute.py)."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        if type(e).__name__ == "_StopRecomputationError" and type(e).__module__ == "torch.utils.checkpoint":
+            raise
+        raise CompileFailed(e) from e
+
+
+class CompileFailed(Exception):
+    """A compiled kernel failed (``.error``: what it raised); the caller falls back to eager code."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}")
+        self.error = error

@@ -27,7 +27,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from sft.ops.capabilities import has_forward_of
+from sft.ops.capabilities import CompileFailed, has_forward_of, run_compiled
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,12 @@ def swiglu_mlp(module, x: torch.Tensor) -> torch.Tensor:
         _state["runs"] += 1
     try:
         with torch.autocast("cpu", enabled=False):
-            h = _compiled()(g, u)
-    except Exception as e:  # noqa: BLE001 - any compiler failure: keep training on the eager forward
+            h = run_compiled(_compiled(), g, u)
+    except CompileFailed as e:  # any compiler failure: keep training on the eager forward
         _state["broken"] = True
-        log.warning("model.fused_mlp: torch.compile failed (%s: %s); using transformers' MLP from now on. "
+        log.warning("model.fused_mlp: torch.compile failed (%s); using transformers' MLP from now on. "
                     "Install a C++ compiler (apt-get install g++) for the fused kernel, or set "
-                    "model.fused_mlp=false to silence this.", type(e).__name__, (str(e).splitlines() or [""])[0][:200])
+                    "model.fused_mlp=false to silence this.", e)
         h = module.act_fn(g) * u
     return module.down_proj(h)
 

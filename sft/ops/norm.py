@@ -28,7 +28,7 @@ import logging
 
 import torch
 
-from sft.ops.capabilities import has_forward_of
+from sft.ops.capabilities import CompileFailed, has_forward_of, run_compiled
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,12 @@ def rms_norm(module, x: torch.Tensor) -> torch.Tensor:
         _state["runs"] += 1
     try:
         with torch.autocast("cpu", enabled=False):
-            return _compiled()(x, weight, float(module.variance_epsilon), out_dtype)
-    except Exception as e:  # noqa: BLE001 - any compiler failure: keep training on the eager forward
+            return run_compiled(_compiled(), x, weight, float(module.variance_epsilon), out_dtype)
+    except CompileFailed as e:  # any compiler failure: keep training on the eager forward
         _state["broken"] = True
-        log.warning("model.fused_norm: torch.compile failed (%s: %s); using transformers' RMSNorm from now on. "
+        log.warning("model.fused_norm: torch.compile failed (%s); using transformers' RMSNorm from now on. "
                     "Install a C++ compiler (apt-get install g++) for the fused kernel, or set "
-                    "model.fused_norm=false to silence this.", type(e).__name__, (str(e).splitlines() or [""])[0][:200])
+                    "model.fused_norm=false to silence this.", e)
         return type(module).forward(module, x)
 
 
