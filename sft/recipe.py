@@ -33,7 +33,7 @@ from sft.trainer.build import build_trainer, fit
 from sft.trainer import preemption
 from sft.trainer.callbacks import ThroughputCallback, TrackerMetrics
 from sft.trainer.resume import resolve_resume, resume_meta
-from sft.trainer.trainer import strategy
+from sft.trainer.strategy import strategy
 
 
 def train(cfg: RunConfig, model=None, dataset: str | Iterable[dict] | None = None, callbacks: Sequence = (),

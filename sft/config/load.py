@@ -17,6 +17,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from sft.config.schema import SECTIONS, RunConfig
+from sft.config.trackers import check_trackers
 from sft.errors import ConfigError
 
 # The configs shipped inside the package (sft/configs: train, accelerate and DeepSpeed files); `--config demo`
@@ -162,8 +163,6 @@ def _check_consistency(cfg: RunConfig) -> None:
         raise ConfigError("training.num_epochs: must be > 0 unless training.max_steps is set")
     if not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules: give at least one module name (or all-linear)")
-    from sft.trainer.tracking import check_trackers
-
     problems = check_trackers(t.report_to)  # names known, and each tracker's package importable
     if problems:
         raise ConfigError("\n".join(problems))

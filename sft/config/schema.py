@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from sft.config.secrets import redact
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with its documentation attached."""
@@ -251,8 +253,6 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting, as written to summary.json: secret values in data.creds are redacted."""
-        from sft.data.creds import redact
-
         d = dataclasses.asdict(self)
         d["data"]["creds"] = redact(d["data"]["creds"])
         return d
