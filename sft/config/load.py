@@ -139,8 +139,8 @@ def from_dict(raw: dict[str, Any], check_consistency: bool = True) -> RunConfig:
                     raise ConfigError(f"{dotted}: {v} is above the maximum {hi}")
             kwargs[key] = v
         built[name] = cls(**kwargs)
-    cfg = RunConfig(**{k: v for k, v in built.items() if k in CORE_SECTIONS},
-                    plugins={k: v for k, v in built.items() if k not in CORE_SECTIONS})
+    cfg = RunConfig(**{k: v for k, v in built.items() if k in CORE_SECTIONS})
+    cfg.plugins.update({k: v for k, v in built.items() if k not in CORE_SECTIONS})
     if check_consistency:
         _check_consistency(cfg)
     return cfg

@@ -252,11 +252,15 @@ class RunConfig:
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    plugins: dict[str, Any] = field(default_factory=dict)  # the registered sections, read as cfg.<name>
+    # and self.plugins: the registered sections (register_section), name -> section, read as cfg.<name>
 
     def __post_init__(self) -> None:
-        for name, cls in PLUGIN_SECTIONS.items():
-            self.plugins.setdefault(name, cls())
+        self.plugins: dict[str, Any] = {name: cls() for name, cls in PLUGIN_SECTIONS.items()}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RunConfig):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in CORE_SECTIONS) and self.plugins == other.plugins
 
     def __getattr__(self, name: str) -> Any:  # a plugin's section reads like the library's: cfg.demo.generate
         plugins = self.__dict__.get("plugins")
