@@ -78,7 +78,7 @@ class Setup:
     rank's place, the output directory and the summary the steps fill in."""
 
     cfg: RunConfig
-    info: Any  # sft.distributed.DistInfo
+    info: dist.DistInfo
     out: Path
     summary: RunSummary
 
@@ -372,12 +372,12 @@ def merge(run: Setup, hooks: list) -> None:
     exported to GGUF when asked); the other ranks wait."""
     if run.cfg.training.merge:
         outputs.merge(run.cfg, run.out, run.summary, hooks)
-    dist.stop_watchdog()
 
 
 def report(run: Setup, fitted: Fitted, arguments: Arguments, t_start: float) -> None:
-    """Last numbers to the trackers (then closed), training.png and summary.json; the stop signals are the
-    system's again."""
+    """The rank watchdog stops; last numbers to the trackers (then closed), training.png and summary.json; the
+    stop signals are the system's again."""
+    dist.stop_watchdog()
     summary = run.summary
     summary.peak_rss_gb = peak_rss_bytes() / 2**30
     summary.wall_seconds = time.perf_counter() - t_start
