@@ -156,9 +156,68 @@ def reexec_with(choice: str) -> None:
     os.execve(sys.executable, argv, env)
 
 
+# glibc's mallopt parameter number for the mmap threshold (malloc.h: M_MMAP_THRESHOLD -3).
+_M_MMAP_THRESHOLD = -3
+#: The mmap threshold sft fixes on glibc malloc (see :func:`tune_system_malloc`).
+GLIBC_MMAP_THRESHOLD = 1 << 20
+# Set once tune_system_malloc has run in this process: None (not tried), else what it did (a line for the log).
+_glibc_tuning: str | None = None
+
+
+def _user_set_glibc_threshold(env: dict[str, str]) -> bool:
+    return "MALLOC_MMAP_THRESHOLD_" in env or "mmap_threshold" in env.get("GLIBC_TUNABLES", "")
+
+
+def tune_system_malloc(threshold: int = GLIBC_MMAP_THRESHOLD, env: dict[str, str] | None = None) -> bool:
+    """On glibc malloc, fix the mmap threshold at ``threshold`` bytes; True when the process now runs with a fixed
+    threshold (sft's or the user's own), False where that is not possible (no glibc ``mallopt``).
+
+    glibc serves a block above its mmap threshold (128 KiB at start) with its own mmap and unmaps it on free, but
+    it raises the threshold to the size of every mmapped block freed (up to 32 MiB). After the first training
+    step, activations, their gradients and temporaries (4-13 MB each on SmolLM2 8 x 512) all come from the heap,
+    where a block freed below a live one cannot be given back: the run's peak RSS then grows by more than its
+    live tensors, and ``gradient_checkpointing: auto`` (planned from live tensors) ends above the seed recipe's
+    RSS. Setting the threshold explicitly (``mallopt``, documented in mallopt(3); the same as the environment
+    variable MALLOC_MMAP_THRESHOLD_) turns that adjustment off. Measured with `sft bench` on SmolLM2-135M 8 x 512,
+    LoRA r16 q/v, bf16-mixed, 2-core AMD EPYC (avx512_bf16), the same plan (24 of 30 layers kept) in every cell
+    (benchmarks/results/2026-12-07-vm-glibc*.md): glibc's default 4.63 GiB peak RSS; threshold fixed at 128 KiB
+    3.65 (2 repeats), at 1 MiB 3.81-3.84 (4 cells), 4 MiB with trim threshold 0 3.82-3.85; tcmalloc 3.63; the
+    seed recipe 4.08-4.09. Step times of the fixed thresholds overlapped (a shared machine); 1 MiB is taken
+    because it keeps LoRA's small tensors (8 x 512 x r16 in bf16 = 128 KiB) off mmap, a system call and page
+    faults each. This works in a running process, so it covers the Python API too. A threshold the user set
+    themselves (MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES) is kept."""
+    global _glibc_tuning
+    env = os.environ if env is None else env
+    if _user_set_glibc_threshold(env):
+        _glibc_tuning = "glibc malloc, mmap threshold fixed by the environment"
+        return True
+    if _glibc_tuning is not None:
+        return not _glibc_tuning.startswith("glibc malloc, dynamic")
+    try:
+        libc = ctypes.CDLL(None)
+        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):  # no mallopt: not glibc (musl, ...)
+        ok = False
+    _glibc_tuning = (f"glibc malloc, mmap threshold fixed at {threshold // 1024} KiB" if ok else
+                     "glibc malloc, dynamic mmap threshold (mallopt is not available)")
+    log.debug("allocator: %s", _glibc_tuning)
+    return ok
+
+
+def plans_with_live_memory() -> bool:
+    """Whether this process's peak RSS follows its live tensors, which ``gradient_checkpointing: auto`` plans
+    with: jemalloc, tcmalloc, or glibc malloc with a fixed mmap threshold (:func:`tune_system_malloc`)."""
+    if loaded() != "system":
+        return True
+    return tune_system_malloc()
+
+
 def check_in_process(choice: str) -> str:
-    """For the Python API: the allocator this process runs on; warns when ``choice`` names another one."""
+    """For the Python API (and every run, which goes through it): the allocator this process runs on; warns when
+    ``choice`` names another one. On glibc malloc it fixes the mmap threshold (:func:`tune_system_malloc`)."""
     have = loaded()
+    if have == "system" and not _has_cuda_driver():
+        tune_system_malloc()
     if choice in ("jemalloc", "tcmalloc") and have != choice:
         log.warning("training.allocator=%s, but this process runs on %s: the allocator is chosen when a process "
                     "starts (LD_PRELOAD=%s python ...; `sft train` does it itself)", choice, have,
