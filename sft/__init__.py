@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib
 
+import sft.demo.config  # noqa: F401  the built-in demo registers its config section (demo:) with sft.config
+
 __version__ = "0.1.0"
 
 _API = {

@@ -105,18 +105,20 @@ def print_summary(s) -> None:
         t.add_row("eval loss", f"{s.eval_loss:.4f}  (perplexity {s.eval_perplexity:,.2f})")
     t.add_row("peak RSS", f"{s.peak_rss_gb:.2f} GiB (rank 0, {s.allocator} malloc)")
     t.add_row("trainable params", f"{s.trainable_params:,} of {s.total_params:,} ({s.trainable_percent:.3f}%)")
-    if s.accuracy_before is not None or s.accuracy_after is not None:
+    hook = s.extra.get  # the run hooks' fields: the demo's accuracy (sft.demo), the first answer (FirstAnswer)
+    before, after, merged = hook("accuracy_before"), hook("accuracy_after"), hook("accuracy_merged")
+    if before is not None or after is not None:
         gain = ""
-        if s.accuracy_before is not None and s.accuracy_after is not None:
-            gain = f"  ({100 * (s.accuracy_after - s.accuracy_before):+.1f} points)"
-        t.add_row("held-out accuracy", f"{_fmt_pct(s.accuracy_before)} -> {_fmt_pct(s.accuracy_after)}{gain}")
-    if s.accuracy_merged is not None:
-        t.add_row("merged accuracy", f"{_fmt_pct(s.accuracy_merged)}  (the merged model, reloaded from disk)")
+        if before is not None and after is not None:
+            gain = f"  ({100 * (after - before):+.1f} points)"
+        t.add_row("held-out accuracy", f"{_fmt_pct(before)} -> {_fmt_pct(after)}{gain}")
+    if merged is not None:
+        t.add_row("merged accuracy", f"{_fmt_pct(merged)}  (the merged model, reloaded from disk)")
     if s.merge_max_abs_diff is not None:
         t.add_row("merge check", f"max |logit diff| {s.merge_max_abs_diff:.2e}")
-    if s.sample_question:
+    if hook("sample_question"):
         who = "merged model" if "merged" in s.paths else "trained model"
-        t.add_row(who, f"Q: {_clip(s.sample_question)}\nA: {_clip(s.sample_answer)}")
+        t.add_row(who, f"Q: {_clip(hook('sample_question'))}\nA: {_clip(hook('sample_answer'))}")
     for k, v in s.paths.items():
         t.add_row(f"{k}", v)
     if "gguf" in s.paths:

@@ -113,10 +113,10 @@ def load_merged(merged_dir: str | Path):
 
 
 class FirstAnswer(RunHooks):
-    """A run hook for any run with an eval set: the trained model's answer to the first
-    question of ``data.eval_path``, into ``summary.sample_question`` / ``sample_answer``. From the merged model
-    reloaded from disk when the run merges, else from the adapter model after training (not when it is sharded
-    across ranks: ZeRO-3 / FSDP without a merge)."""
+    """A run hook for any run with an eval set: the trained model's answer to the first question of
+    ``data.eval_path``, into the summary's ``sample_question`` / ``sample_answer`` (its fields, RunSummary.add).
+    From the merged model reloaded from disk when the run merges, else from the adapter model after training (not
+    when it is sharded across ranks: ZeRO-3 / FSDP without a merge)."""
 
     def __init__(self, cfg, max_new_tokens: int = 64):
         self.cfg = cfg
@@ -128,6 +128,8 @@ class FirstAnswer(RunHooks):
 
         rows = first_rows(self.cfg, self.cfg.data.eval_path, 1) if self.cfg.data.eval_path else []
         self.question = rows[0]["question"] if rows else None
+        summary.add("sample_question")  # summary.json shows both, null when no answer was generated
+        summary.add("sample_answer")
 
     def after_training(self, model, tokenizer, summary) -> None:
         from sft import distributed as dist
@@ -141,6 +143,6 @@ class FirstAnswer(RunHooks):
             self._answer(*load_merged(merged_dir), summary)
 
     def _answer(self, model, tokenizer, summary) -> None:
-        summary.sample_question = self.question
-        summary.sample_answer = answer_as_trained(model, tokenizer, self.question, self.cfg.data.template,
-                                                  self.max_new_tokens)
+        summary.add("sample_question", self.question)
+        summary.add("sample_answer", answer_as_trained(model, tokenizer, self.question, self.cfg.data.template,
+                                                       self.max_new_tokens))

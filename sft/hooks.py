@@ -8,7 +8,9 @@ from pathlib import Path
 
 
 class RunHooks:
-    """Override what you need; every method does nothing by default. ``summary`` is the run's RunSummary."""
+    """Override what you need; every method does nothing by default. ``summary`` is the run's RunSummary: a hook
+    records its numbers as fields of its own with ``summary.add(name, value, track=...)`` (summary.json shows them
+    beside the library's; ``track``: the report_to trackers get them too)."""
 
     def before_training(self, model, tokenizer, summary) -> None:
         """The prepared model (LoRA added, not yet trained), before the Trainer exists."""

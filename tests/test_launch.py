@@ -449,7 +449,7 @@ def test_auto_never_picks_ds_ccl(monkeypatch):
     from sft import distributed as sd
 
     monkeypatch.setenv("SFT_BACKEND", "ds-ccl")  # even with the env of a ds-ccl rank
-    monkeypatch.setattr(sd.ccl, "_deepspeed_importable", lambda: True)
+    monkeypatch.setattr(sd.ccl, "deepspeed_importable", lambda: True)
 
     def never(*a, **k):
         raise AssertionError("auto must not check ds-ccl prerequisites")
@@ -536,10 +536,10 @@ def test_choose_backend(monkeypatch):
 
     monkeypatch.delenv("SFT_BACKEND", raising=False)
     assert sd.choose_backend("cuda") == "nccl" and sd.choose_backend("cuda:1") == "nccl"
-    expected = "ccl" if sd.ccl._ccl_importable() else ("mpi" if dist.is_mpi_available() else "gloo")
+    expected = "ccl" if sd.ccl.ccl_importable() else ("mpi" if dist.is_mpi_available() else "gloo")
     assert sd.choose_backend("cpu") == expected
     assert sd.choose_backend("cpu", "gloo") == "gloo"
-    if not sd.ccl._ccl_importable():
+    if not sd.ccl.ccl_importable():
         with pytest.raises(RuntimeError):
             sd.choose_backend("cpu", "ccl")
     with pytest.raises(RuntimeError):
@@ -550,12 +550,12 @@ def test_choose_backend_ds_ccl_only_when_requested(monkeypatch):
     from sft import distributed as sd
 
     monkeypatch.delenv("SFT_BACKEND", raising=False)
-    monkeypatch.setattr(sd.ccl, "_deepspeed_importable", lambda: True)
+    monkeypatch.setattr(sd.ccl, "deepspeed_importable", lambda: True)
     assert sd.choose_backend("cpu", "ds-ccl") == "ds-ccl"
     assert sd.choose_backend("cpu") != "ds-ccl"
     monkeypatch.setenv("SFT_BACKEND", "ds-ccl")
     assert sd.choose_backend("cpu") == "ds-ccl" and sd.choose_backend("cuda") == "nccl"
-    monkeypatch.setattr(sd.ccl, "_deepspeed_importable", lambda: False)
+    monkeypatch.setattr(sd.ccl, "deepspeed_importable", lambda: False)
     with pytest.raises(RuntimeError, match="deepspeed"):
         sd.choose_backend("cpu", "ds-ccl")
 
@@ -593,7 +593,7 @@ def test_ds_ccl_init_gloo_first_then_deepspeed_ccl(monkeypatch):
     fake_acc_mod.get_accelerator = lambda: acc
     monkeypatch.setitem(sys.modules, "deepspeed", fake_ds)
     monkeypatch.setitem(sys.modules, "deepspeed.accelerator", fake_acc_mod)
-    monkeypatch.setattr(sd.ccl, "_deepspeed_importable", lambda: True)
+    monkeypatch.setattr(sd.ccl, "deepspeed_importable", lambda: True)
     monkeypatch.setattr(sd.ccl, "_ds_ccl_active", False)
     monkeypatch.setattr(dist, "is_initialized", lambda: bool(calls))
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(("init_process_group", kw["backend"])))

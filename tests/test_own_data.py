@@ -298,19 +298,19 @@ def test_interrupt_names_the_last_checkpoint_and_the_resume_command(tmp_path, us
 def test_merge_of_a_run_dir_says_which_adapter_to_pass(tmp_path):
     from sft import cli
     from sft.errors import MergeError
-    from sft.merging.plan import _check_adapter_files
+    from sft.merging.plan import check_adapter_files
 
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
     (run / "adapter" / "adapter_config.json").write_text("{}")
     (run / "adapter" / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(MergeError, match=f"pass --adapter {run / 'adapter'}"):
-        _check_adapter_files(run)
+        check_adapter_files(run)
     copied = tmp_path / "copied"  # a config without its weights
     copied.mkdir()
     (copied / "adapter_config.json").write_text("{}")
     with pytest.raises(MergeError, match="holds an adapter config but no weights"):
-        _check_adapter_files(copied)
+        check_adapter_files(copied)
     assert cli.main(["merge", "--adapter", str(run), "--out", str(tmp_path / "m")]) == 2
 
 

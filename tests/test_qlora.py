@@ -12,7 +12,7 @@ from sft.models import (
     NF4_BLOCKSIZE, build_random, load_base_model, load_model_and_tokenizer, materialize_arch, nf4_roundtrip,
     quantized_weight_names, resolve_quant_storage,
 )
-from sft.models.quantization import _bnb_config
+from sft.models.quantization import bnb_config
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -21,7 +21,7 @@ IDS = torch.tensor([[1, 17, 300, 4000, 45000, 12, 99, 7], [5, 6, 7, 8, 9, 10, 11
 
 
 def test_bnb_config_is_nf4_double_quant_bf16():
-    c = _bnb_config(NF4)
+    c = bnb_config(NF4)
     assert c.load_in_4bit and c.bnb_4bit_quant_type == "nf4" and c.bnb_4bit_use_double_quant
     assert c.bnb_4bit_compute_dtype == torch.bfloat16 and c.bnb_4bit_quant_storage == torch.uint8
 
@@ -36,7 +36,7 @@ def test_sharded_launch_needs_quant_storage_equal_to_compute_dtype(monkeypatch, 
     for k, v in env.items():
         monkeypatch.setenv(k, str(root / v) if k.endswith("CONFIG_FILE") else v)
     assert resolve_quant_storage(NF4) == "bf16"  # unset: follows the compute dtype
-    assert _bnb_config(NF4).bnb_4bit_quant_storage == torch.bfloat16
+    assert bnb_config(NF4).bnb_4bit_quant_storage == torch.bfloat16
     assert resolve_quant_storage(QuantizationConfig(mode="nf4", quant_storage="bf16")) == "bf16"
     with pytest.raises(ConfigError, match="quant_storage: uint8 under a .*quant_storage=bf16"):
         resolve_quant_storage(QuantizationConfig(mode="nf4", quant_storage="uint8"))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sft import stages
+from sft import recipe as stages
 from sft.config import RunConfig
 from sft.data.arrow import write_arrow_dataset
 from sft.errors import SftError

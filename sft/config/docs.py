@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from sft.config.load import CONFIG_DIR
-from sft.config.schema import RunConfig
+from sft.config.schema import sections
 
 COMMAND = "python -m sft.config.docs > docs/configuration.md"
 
@@ -109,9 +109,8 @@ def _shipped(kind: str, title: str, usage: str) -> list[str]:
 def render() -> str:
     """The whole of docs/configuration.md."""
     lines = [_INTRO]
-    for name, cls in typing.get_type_hints(RunConfig).items():
-        if dataclasses.is_dataclass(cls):
-            lines += _section(name, cls)
+    for name, cls in sections().items():  # the library's sections, then the registered ones (the demo's)
+        lines += _section(name, cls)
     lines += _shipped("train", "Shipped train configs", "`sft train --config NAME` (or a path to your own YAML)")
     lines += _shipped("accelerate", "Shipped launch configs",
                       "`accelerate launch --config_file configs/accelerate/NAME.yaml -m sft.cli train ...`; "

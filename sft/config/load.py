@@ -16,18 +16,14 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from sft.config.schema import SECTIONS, RunConfig
+from sft.config.schema import CORE_SECTIONS, PLUGIN_CHECKS, RunConfig, sections
+from sft.config.trackers import check_trackers
 from sft.errors import ConfigError
 
 # The configs shipped inside the package (sft/configs: train, accelerate and DeepSpeed files); `--config demo`
 # style short names resolve here.
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_TRAIN_CONFIG = CONFIG_DIR / "train" / "demo.yaml"
-
-
-def _section_classes() -> dict[str, type]:
-    hints = typing.get_type_hints(RunConfig)
-    return {name: hints[name] for name in SECTIONS}
 
 
 def _type_name(tp: Any) -> str:
@@ -101,7 +97,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 def _unknown(key: str, known: list[str]) -> ConfigError:
     owners = []
     if "." not in key:  # a key without its section (`max_steps` at the top of a YAML file)
-        owners = [f"{s}.{key}" for s, cls in _section_classes().items() if key in typing.get_type_hints(cls)]
+        owners = [f"{s}.{key}" for s, cls in sections().items() if key in typing.get_type_hints(cls)]
     if owners:
         hint = " (did you mean " + " or ".join(f"'{o}'" for o in owners) + "?)"
     else:
@@ -117,8 +113,8 @@ def from_dict(raw: dict[str, Any], check_consistency: bool = True) -> RunConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"a train config must be a mapping of sections, got {type(raw).__name__}")
-    classes = _section_classes()
-    sections = {}
+    classes = sections()
+    built = {}
     for name, value in raw.items():
         if name not in classes:
             raise _unknown(name, list(classes))
@@ -142,8 +138,9 @@ def from_dict(raw: dict[str, Any], check_consistency: bool = True) -> RunConfig:
                 if hi is not None and v > hi:
                     raise ConfigError(f"{dotted}: {v} is above the maximum {hi}")
             kwargs[key] = v
-        sections[name] = cls(**kwargs)
-    cfg = RunConfig(**sections)
+        built[name] = cls(**kwargs)
+    cfg = RunConfig(**{k: v for k, v in built.items() if k in CORE_SECTIONS})
+    cfg.plugins.update({k: v for k, v in built.items() if k not in CORE_SECTIONS})
     if check_consistency:
         _check_consistency(cfg)
     return cfg
@@ -162,15 +159,13 @@ def _check_consistency(cfg: RunConfig) -> None:
         raise ConfigError("training.num_epochs: must be > 0 unless training.max_steps is set")
     if not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules: give at least one module name (or all-linear)")
-    from sft.trainer.tracking import check_trackers
-
     problems = check_trackers(t.report_to)  # names known, and each tracker's package importable
     if problems:
         raise ConfigError("\n".join(problems))
     if t.export_gguf and not t.merge:
         raise ConfigError("training.export_gguf: needs training.merge: true (the GGUF is written from the merged model)")
-    if cfg.demo.generate and not cfg.data.path:
-        raise ConfigError("data.path: the demo needs a path to generate its dataset into")
+    for check in PLUGIN_CHECKS:  # the registered sections' own checks (sft/demo/config.py)
+        check(cfg)
 
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -203,13 +198,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if len(parts) == 1 and parts[0] in ("resume",):
             parts = ["training", parts[0]]
         if len(parts) != 2:
-            if len(parts) == 1 and parts[0] not in SECTIONS:
+            if len(parts) == 1 and parts[0] not in sections():
                 # a bare key: find its unique section (`max_steps=5` -> training.max_steps)
-                owners = [s for s, cls in _section_classes().items() if parts[0] in typing.get_type_hints(cls)]
+                owners = [s for s, cls in sections().items() if parts[0] in typing.get_type_hints(cls)]
                 if len(owners) == 1:
                     parts = [owners[0], parts[0]]
                 else:
-                    raise _unknown(key, [f.name for cls in _section_classes().values() for f in dataclasses.fields(cls)])
+                    raise _unknown(key, [f.name for cls in sections().values() for f in dataclasses.fields(cls)])
             else:
                 raise ConfigError(f"override key {key!r} must be section.key (e.g. training.max_steps)")
         raw.setdefault(parts[0], {})
@@ -269,7 +264,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def describe_fields() -> str:
     """All keys with type, default and documentation (for `sft train --help-config`)."""
     lines = []
-    for name, cls in _section_classes().items():
+    for name, cls in sections().items():
         lines.append(f"{name}:")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):

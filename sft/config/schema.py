@@ -1,5 +1,6 @@
-"""The run configuration's schema: six small dataclasses (model, lora, quantization, data, training, demo)
-gathered in :class:`RunConfig`. Every field carries its documentation in ``metadata["help"]`` so that
+"""The run configuration's schema: five small dataclasses (model, lora, quantization, data, training) gathered in
+:class:`RunConfig`, plus the sections that plugins register (:func:`register_section`: the built-in demo's
+``demo``, sft/demo/config.py). Every field carries its documentation in ``metadata["help"]`` so that
 ``sft train --help-config`` can print it and tests can check that nothing is undocumented.
 
 Launch topology (processes, machines, DeepSpeed) is NOT here: it lives in accelerate YAML files under
@@ -10,14 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
+
+from sft.config.secrets import redact
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with its documentation attached."""
+def field_doc(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation attached (``min`` / ``max``: the bounds loading checks)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+_f = field_doc  # short, for the many fields below
 
 
 @dataclass
@@ -222,22 +228,21 @@ class TrainingConfig:
     dist_timeout_s: int = _f(1800, "Seconds a collective may wait for a peer before the run fails.", min=1)
 
 
-@dataclass
-class DemoConfig:
-    """The built-in demo task (sft/demo): generated data, and held-out exact-match accuracy of greedy answers."""
+#: Sections that plugins add to every RunConfig, name -> dataclass, in the order registered (register_section)
+PLUGIN_SECTIONS: dict[str, type] = {}
+#: Their consistency checks, run on a complete config (after overrides)
+PLUGIN_CHECKS: list[Callable[[Any], None]] = []
 
-    generate: bool = _f(
-        False, "Generate the built-in demo task (sft/demo) into data.path / data.eval_path when they do not exist. "
-        "`sft train` never generates into a path given on its command line, unless demo.generate=true is given "
-        "there too."
-    )
-    train_rows: int = _f(4000, "Rows of the generated demo train split.", min=1)
-    test_rows: int = _f(500, "Rows of the generated demo test split.", min=1)
-    accuracy_samples: int = _f(
-        0, "Held-out rows of data.eval_path scored by greedy generation + exact match before training, after it, "
-        "and on the reloaded merged model (0: off).", min=0
-    )
-    max_new_tokens: int = _f(32, "Generation length for accuracy evaluation and the merged model's sample.", min=1)
+
+def register_section(name: str, cls: type, check: Callable[[Any], None] | None = None) -> None:
+    """Add the section ``name`` (a dataclass whose fields carry :func:`field_doc` documentation) to every
+    RunConfig: YAML files and overrides may set it, ``cfg.<name>`` reads it, summary.json records it, and
+    ``check(cfg)`` (raising ConfigError) runs on each complete config. Registering a name again replaces it."""
+    if name in CORE_SECTIONS:
+        raise ValueError(f"{name!r} is one of the library's own config sections")
+    PLUGIN_SECTIONS[name] = cls
+    if check is not None and check not in PLUGIN_CHECKS:
+        PLUGIN_CHECKS.append(check)
 
 
 @dataclass
@@ -247,15 +252,36 @@ class RunConfig:
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
+    # and self.plugins: the registered sections (register_section), name -> section, read as cfg.<name>
+
+    def __post_init__(self) -> None:
+        self.plugins: dict[str, Any] = {name: cls() for name, cls in PLUGIN_SECTIONS.items()}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RunConfig):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in CORE_SECTIONS) and self.plugins == other.plugins
+
+    def __getattr__(self, name: str) -> Any:  # a plugin's section reads like the library's: cfg.demo.generate
+        plugins = self.__dict__.get("plugins")
+        if plugins is not None and name in plugins:
+            return plugins[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Every setting, as written to summary.json: secret values in data.creds are redacted."""
-        from sft.data.creds import redact
-
-        d = dataclasses.asdict(self)
+        """Every setting, as written to summary.json (the library's sections, then the plugins'): secret values in
+        data.creds are redacted."""
+        d = {name: dataclasses.asdict(getattr(self, name)) for name in CORE_SECTIONS}
+        d.update({name: dataclasses.asdict(section) for name, section in self.plugins.items()})
         d["data"]["creds"] = redact(d["data"]["creds"])
         return d
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+#: The library's own sections, name -> dataclass
+CORE_SECTIONS = {"model": ModelConfig, "lora": LoraSection, "quantization": QuantizationConfig, "data": DataConfig,
+                 "training": TrainingConfig}
+
+
+def sections() -> dict[str, type]:
+    """Every section a config may hold, name -> dataclass: the library's, then the registered ones."""
+    return {**CORE_SECTIONS, **PLUGIN_SECTIONS}

@@ -28,11 +28,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sft.config.secrets import redact  # noqa: F401 (the rule lives below sft.data: sft.config redacts too)
 from sft.errors import DataError
 
 KEYS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "endpoint_url", "aws_region")
-#: keys whose values are never written anywhere
-SECRET_KEYS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
 _ENV = (
     ("aws_access_key_id", ("AWS_ACCESS_KEY_ID",)),
     ("aws_secret_access_key", ("AWS_SECRET_ACCESS_KEY",)),
@@ -40,7 +39,6 @@ _ENV = (
     ("endpoint_url", ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")),
     ("aws_region", ("AWS_REGION", "AWS_DEFAULT_REGION")),
 )
-REDACTED = "<redacted>"
 
 #: Remote calls given up on while still running (see :func:`bounded`). Deep Lake crashes the interpreter's
 #: shutdown (SIGSEGV, measured) when one of its calls is still in flight, so the CLI ends such a process with
@@ -90,13 +88,6 @@ def resolve(creds: str | Mapping[str, str] | None, where: str = "data.creds") ->
                             f"{', '.join(KEYS)}") from None
         return _check(data, f"{where} ({creds})")
     return _check(creds, where)
-
-
-def redact(creds: Any) -> Any:
-    """``data.creds`` as it may be written down: a file path as is, a mapping with every secret value replaced."""
-    if isinstance(creds, Mapping):
-        return {k: REDACTED if k in SECRET_KEYS else v for k, v in creds.items()}
-    return creds
 
 
 def abandoned_calls() -> int:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sft.data.packing import PackingStats, _check_args, check_and_report
+from sft.data.packing import PackingStats, check_packing_args, check_and_report
 from sft.io import atomic_file
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,9 @@ def dataset_identity(path: str, ds) -> dict:
     The version alone is not enough: Deep Lake 4.7 numbers commits the same way in every dataset
     (``0000000001c00000000`` is the first commit of any of them), so a dataset re-created at the same path with the
     same number of commits has the same version. ``ds.id`` is drawn afresh when a dataset is created."""
-    from sft.data.source import _local_path, is_remote
+    from sft.data.source import local_path, is_remote
 
-    return {"path": path if is_remote(path) else _local_path(path), "id": str(getattr(ds, "id", "")),
+    return {"path": path if is_remote(path) else local_path(path), "id": str(getattr(ds, "id", "")),
             "version": str(getattr(ds, "version", "")), "rows": len(ds)}
 
 
@@ -146,7 +146,7 @@ def count_blocks(rows, tokenizer, template: str = "default", seq_length: int = 5
     Reports overlong samples like the packer does."""
     from sft.data.formatting import Formatter
 
-    _check_args(seq_length, overlong)
+    check_packing_args(seq_length, overlong)
     rows = list(rows)
     stats = stream_stats(count_lengths(rows, Formatter(tokenizer, template, answer_only), len(rows)), seq_length,
                          overlong)
@@ -161,7 +161,7 @@ class Counted:
 
 
 def _key(source, tokenizer, template: str, answer_only: bool) -> str:
-    return cache_key(dataset_identity(source.path, source._dataset()), tokenizer, template, answer_only)
+    return cache_key(dataset_identity(source.path, source.dataset()), tokenizer, template, answer_only)
 
 
 def _cached(source, key: str, cache_dir: str | None) -> Counted | None:

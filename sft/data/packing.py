@@ -63,7 +63,7 @@ class PackingStats:
     truncated: int = 0
     skipped: int = 0
 
-def _check_args(seq_length: int, overlong: str) -> None:
+def check_packing_args(seq_length: int, overlong: str) -> None:
     if not isinstance(seq_length, int) or seq_length < 2:
         raise ConfigError(f"data.seq_length must be an integer >= 2, got {seq_length!r}")
     if overlong not in OVERLONG_POLICIES:
@@ -88,7 +88,7 @@ class Packer:
     """
 
     def __init__(self, seq_length: int, eos_token_id: int, overlong: str = "split", stats: PackingStats | None = None):
-        _check_args(seq_length, overlong)
+        check_packing_args(seq_length, overlong)
         if eos_token_id is None:
             raise ConfigError("the tokenizer has no EOS token; packing needs one to end every sample")
         self.seq_length = seq_length
@@ -237,7 +237,7 @@ class PackedDataset(torch.utils.data.IterableDataset):
         history: int = 4096,
     ):
         super().__init__()
-        _check_args(seq_length, overlong)
+        check_packing_args(seq_length, overlong)
         self.rows_fn = rows_fn
         self.tokenizer = tokenizer
         self.template = template

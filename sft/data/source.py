@@ -56,7 +56,7 @@ def is_remote(path: str) -> bool:
     return path.lower().startswith(REMOTE_SCHEMES)
 
 
-def _local_path(path: str) -> str:
+def local_path(path: str) -> str:
     # Deep Lake accepts file:// too; strip it so the local existence checks below see a real filesystem path.
     if path.lower().startswith("file://"):
         path = path[len("file://"):]
@@ -65,7 +65,7 @@ def _local_path(path: str) -> str:
 
 def _check_local(path: str) -> str:
     """Validate a local dataset path cheaply (no Deep Lake I/O beyond a stat); return the resolved path."""
-    local = _local_path(path)
+    local = local_path(path)
     if not os.path.exists(local):
         raise DataError(f"dataset {path} does not exist. {_INGEST_HINT.format(path=path)}")
     if not os.path.isdir(local):
@@ -320,7 +320,7 @@ class ShardedSource:
     def _open(self):
         return open_dataset(self._path, self._creds, timeout_s=self._read_timeout_s, attempts=self._read_attempts)
 
-    def _dataset(self):
+    def dataset(self):
         if self._ds is None:
             self._ds = self._open()
             if len(self._ds) != self._total:
@@ -365,7 +365,7 @@ class ShardedSource:
                        self._read_attempts)
 
     def _read_columns(self, index) -> tuple[list, ...]:
-        ds = self._dataset()
+        ds = self.dataset()
         if self._has_conversation:
             return ds["question"][index], ds["answer"][index], ds[CONVERSATION_COLUMN][index]
         return ds["question"][index], ds["answer"][index]

@@ -1,6 +1,7 @@
 """The demo's evaluation, plugged into a run as a :class:`sft.hooks.RunHooks`: held-out exact-match accuracy of
 greedy answers (prompted exactly as in training) before training, after it, and on the merged model reloaded from
-disk as a user would, plus one sample answer of the merged model. Works for any question/answer eval set."""
+disk as a user would, plus one sample answer of the merged model. Works for any question/answer eval set.
+Its numbers are its own fields of the run's summary (:data:`FIELDS`, RunSummary.add): the library declares none."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import torch
 from sft import distributed as dist
 from sft.config import RunConfig
 from sft.hooks import RunHooks
+
+#: The fields the demo adds to the run's summary (RunSummary.add); the accuracies also go to the trackers
+FIELDS = ("accuracy_before", "accuracy_after", "accuracy_merged", "sample_question", "sample_answer")
 
 
 class ExactMatch(RunHooks):
@@ -24,6 +28,8 @@ class ExactMatch(RunHooks):
         from sft.data.inputs import first_rows
 
         cfg = self.cfg
+        for name in FIELDS:  # summary.json shows the demo's fields, null where not measured (sharded runs)
+            summary.add(name, track=name.startswith("accuracy"))
         self.rows = first_rows(cfg, cfg.data.eval_path, cfg.demo.accuracy_samples)
         sharded = dist.sharded_launch()
         if sharded is not None:
@@ -31,12 +37,12 @@ class ExactMatch(RunHooks):
                   "merged model after training")
             return
         model.to(dist.device())
-        summary.accuracy_before = self.accuracy(model, tokenizer, "accuracy before")
+        summary.add("accuracy_before", self.accuracy(model, tokenizer, "accuracy before"))
         print(f"held-out accuracy before training: {100 * summary.accuracy_before:.1f}% ({len(self.rows)} rows)")
 
     def after_training(self, model, tokenizer, summary) -> None:
         if self.rows and dist.sharded_launch() is None:
-            summary.accuracy_after = self.accuracy(model, tokenizer, "accuracy after")
+            summary.add("accuracy_after", self.accuracy(model, tokenizer, "accuracy after"))
             print(f"held-out accuracy after training: {100 * summary.accuracy_after:.1f}%")
 
     def after_merge(self, merged_dir: Path, summary) -> None:
@@ -49,10 +55,10 @@ class ExactMatch(RunHooks):
         cfg = self.cfg
         model, tokenizer = load_merged(merged_dir)
         question = self.rows[0]["question"]
-        summary.sample_question = question
-        summary.sample_answer = answer_as_trained(model, tokenizer, question, cfg.data.template,
-                                                  cfg.demo.max_new_tokens)
-        summary.accuracy_merged = self.accuracy(model, tokenizer, "accuracy merged", merged=True)
+        summary.add("sample_question", question)
+        summary.add("sample_answer", answer_as_trained(model, tokenizer, question, cfg.data.template,
+                                                       cfg.demo.max_new_tokens))
+        summary.add("accuracy_merged", self.accuracy(model, tokenizer, "accuracy merged", merged=True))
         print(f"held-out accuracy of the reloaded merged model: {100 * summary.accuracy_merged:.1f}%")
 
     def accuracy(self, model, tokenizer, desc: str, merged: bool = False) -> float:

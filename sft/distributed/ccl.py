@@ -21,7 +21,7 @@ from sft.distributed.ranks import DistInfo
 _ds_ccl_active = False  # set once the DeepSpeed CCLBackend workaround is in place (reported by run_metadata)
 
 
-def _ccl_importable() -> bool:
+def ccl_importable() -> bool:
     try:
         import oneccl_bindings_for_pytorch  # noqa: F401  (registers the "ccl" backend)
     except Exception:  # ImportError, or an OSError / undefined symbol from a binding built for another torch
@@ -29,7 +29,7 @@ def _ccl_importable() -> bool:
     return True
 
 
-def _deepspeed_importable() -> bool:
+def deepspeed_importable() -> bool:
     import importlib.util
 
     try:
@@ -38,7 +38,7 @@ def _deepspeed_importable() -> bool:
         return False
 
 
-def _init_deepspeed_ccl(info: DistInfo, timeout: datetime.timedelta) -> None:
+def init_deepspeed_ccl(info: DistInfo, timeout: datetime.timedelta) -> None:
     """Force DeepSpeed's CCLBackend (oneCCL through its deepspeed_ccl_comm op) onto the gloo group just created.
 
     The workaround of benchmarks/results/cpu_collectives.md: DeepSpeed's CPU accelerator reports "ccl" only when

@@ -36,16 +36,16 @@ def choose_backend(device: str = "cpu", requested: str | None = None) -> str:
     if str(device).startswith("cuda"):
         return "nccl"
     if requested and requested != "auto":
-        if requested == "ccl" and not ccl._ccl_importable():
+        if requested == "ccl" and not ccl.ccl_importable():
             raise RuntimeError("backend 'ccl' requested but oneccl_bindings_for_pytorch does not import")
         if requested == "mpi" and not tdist.is_mpi_available():
             raise RuntimeError("backend 'mpi' requested but this torch was built without MPI")
-        if requested == "ds-ccl" and not ccl._deepspeed_importable():
+        if requested == "ds-ccl" and not ccl.deepspeed_importable():
             raise RuntimeError("backend 'ds-ccl' requested but deepspeed is not importable: pip install 'deepspeed>=0.16'")
         if requested not in CPU_BACKENDS:
             raise RuntimeError(f"unknown CPU backend {requested!r} ({', '.join(CPU_BACKENDS)})")
         return requested
-    if ccl._ccl_importable():
+    if ccl.ccl_importable():
         return "ccl"
     if tdist.is_available() and tdist.is_mpi_available():
         return "mpi"
@@ -96,7 +96,7 @@ def init_process_group_if_needed(timeout_s: int = DEFAULT_TIMEOUT_S, device: str
         kwargs["device_id"] = torch.device("cuda", info.local_rank)
     tdist.init_process_group(**kwargs)
     if ds_ccl:
-        ccl._init_deepspeed_ccl(info, timeout)
+        ccl.init_deepspeed_ccl(info, timeout)
     elif cpu and deepspeed_launch():
         # accelerate finds no backend on a CPU-only DeepSpeed launch and would count every rank as process 0 of 1
         # (DeepSpeed then fails its batch-size assertion); naming the backend once makes its state see the group.

@@ -75,12 +75,12 @@ from typing import Any
 import torch
 
 from sft.errors import MergeError, SftError
-from sft.merging.check import _adapter_model, _check_error, _estimated_check_bytes, _logits, _merged_diff
-from sft.merging.check import _probe_ids, _tokenizer
-from sft.merging.check import _want_check, load_adapter_model
-from sft.merging.meta import BASE_META, _base_configs, find_base_meta, recorded_base, write_base_meta
-from sft.merging.plan import _Adapter, _Mismatch, _mismatch_error, _read_adapter, _Unsupported
-from sft.merging.shards import INDEX, _merge_shards, _shard_files, _shard_plan, _ShardPlan, _write_side_files
+from sft.merging.check import reference_adapter_model, check_error, estimated_check_bytes, probe_logits, merged_diff
+from sft.merging.check import probe_ids, adapter_tokenizer
+from sft.merging.check import want_check, load_adapter_model
+from sft.merging.meta import BASE_META, base_configs, find_base_meta, recorded_base, write_base_meta
+from sft.merging.plan import Adapter, Mismatch, mismatch_error, read_adapter, Unsupported
+from sft.merging.shards import INDEX, merge_shards, shard_files, shard_plan, ShardPlan, write_side_files
 from sft.merging.shards import base_weights_dir
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,8 @@ def _failure(e: BaseException, adapter_dir: Path, out_dir: Path, tmp: Path, crea
             d.rmdir()
         except OSError:
             break
-    if isinstance(e, _Mismatch):
-        return _mismatch_error(adapter_dir, base, str(e))
+    if isinstance(e, Mismatch):
+        return mismatch_error(adapter_dir, base, str(e))
     if full:
         return MergeError(
             f"--out {out_dir}: writing the merged model failed: {(str(e).splitlines() or [type(e).__name__])[0]}; "
@@ -191,7 +191,7 @@ def _save_dtype(model_cfg, quant_cfg) -> torch.dtype:
     return torch.float32 if model_cfg.dtype == "fp32" else torch.bfloat16
 
 
-def _choose_path(adapter: _Adapter, adapter_dir: Path, method: str, model_cfg, quant_cfg, seed: int):
+def _choose_path(adapter: Adapter, adapter_dir: Path, method: str, model_cfg, quant_cfg, seed: int):
     """``(base_dir, plan)``: the shard plan, or None for the whole-model path (an error if ``method="shards"``)."""
     try:
         base_dir = base_weights_dir(model_cfg, quant_cfg, seed) if method != "model" else None
@@ -201,8 +201,8 @@ def _choose_path(adapter: _Adapter, adapter_dir: Path, method: str, model_cfg, q
     reason = "no safetensors base on disk" if base_dir is None else ""
     if base_dir is not None:
         try:
-            plan = _shard_plan(adapter, base_dir, quant_cfg)
-        except _Unsupported as e:
+            plan = shard_plan(adapter, base_dir, quant_cfg)
+        except Unsupported as e:
             reason = str(e)
     if plan is None:
         if method == "shards":
@@ -224,10 +224,10 @@ def _reference(adapter_dir: Path, model_cfg, quant_cfg, seed: int, base_dir: Pat
                do_check: bool, keep_model: bool) -> _Reference:
     ref = _Reference()
     if do_check or keep_model:
-        model = _adapter_model(model_cfg, quant_cfg, seed, base_dir, adapter_dir)
-        ref.probe = _probe_ids(tokenizer, model.get_input_embeddings().num_embeddings)
+        model = reference_adapter_model(model_cfg, quant_cfg, seed, base_dir, adapter_dir)
+        ref.probe = probe_ids(tokenizer, model.get_input_embeddings().num_embeddings)
         if do_check:
-            ref.logits = _logits(model, ref.probe)
+            ref.logits = probe_logits(model, ref.probe)
         if keep_model:
             ref.model = model
         else:
@@ -246,15 +246,15 @@ def _merge_whole_model(ref: _Reference, tmp: Path, save_dtype: torch.dtype, toke
     tokenizer.save_pretrained(tmp)
     merged = None
     gc.collect()
-    return len(_shard_files(tmp) or [1])
+    return len(shard_files(tmp) or [1])
 
 
-def _write_merged(plan: _ShardPlan | None, ref: _Reference, tmp: Path, model_cfg, quant_cfg,
+def _write_merged(plan: ShardPlan | None, ref: _Reference, tmp: Path, model_cfg, quant_cfg,
                   save_dtype: torch.dtype, tokenizer, nf4_onto: str) -> int:
     if plan is None:
         return _merge_whole_model(ref, tmp, save_dtype, tokenizer)
-    shards = _merge_shards(plan, tmp, model_cfg, quant_cfg, save_dtype, onto=nf4_onto)
-    _write_side_files(plan.base_dir, tmp, save_dtype, tokenizer)
+    shards = merge_shards(plan, tmp, model_cfg, quant_cfg, save_dtype, onto=nf4_onto)
+    write_side_files(plan.base_dir, tmp, save_dtype, tokenizer)
     return shards
 
 
@@ -271,21 +271,21 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, overwrite: bool 
     t0 = time.perf_counter()
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     _check_arguments(out_dir, overwrite, method, nf4_onto)
-    adapter = _read_adapter(adapter_dir)
-    model_cfg, quant_cfg, seed = _base_configs(adapter_dir, base_override)
+    adapter = read_adapter(adapter_dir)
+    model_cfg, quant_cfg, seed = base_configs(adapter_dir, base_override)
     save_dtype = _save_dtype(model_cfg, quant_cfg)
     base_dir, plan = _choose_path(adapter, adapter_dir, method, model_cfg, quant_cfg, seed)
     del adapter
 
-    tokenizer = _tokenizer(adapter_dir, model_cfg)
-    do_check = _want_check(check, _estimated_check_bytes(plan.headers) if plan else None)
+    tokenizer = adapter_tokenizer(adapter_dir, model_cfg)
+    do_check = want_check(check, estimated_check_bytes(plan.headers) if plan else None)
     ref = _reference(adapter_dir, model_cfg, quant_cfg, seed, base_dir, tokenizer, do_check, plan is None)
     tmp, created = _make_temp(out_dir)
     try:
         shards = _write_merged(plan, ref, tmp, model_cfg, quant_cfg, save_dtype, tokenizer, nf4_onto)
         max_diff = max_ref = 0.0
         if do_check:
-            max_diff, max_ref, tol = _merged_diff(tmp, ref.probe, ref.logits, save_dtype)
+            max_diff, max_ref, tol = merged_diff(tmp, ref.probe, ref.logits, save_dtype)
             if not max_diff <= tol and save_dtype != torch.float32:
                 # The sum base + scale * B @ A is right, but bf16 cannot hold it: updates smaller than half a bf16
                 # step of their weight round away (measured: the demo after 4 of its 70 steps, learning rate still
@@ -297,7 +297,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, overwrite: bool 
                     ref.model = _reference(adapter_dir, model_cfg, quant_cfg, seed, base_dir, tokenizer, False,
                                            True).model
                 shards = _write_merged(plan, ref, tmp, model_cfg, quant_cfg, torch.float32, tokenizer, nf4_onto)
-                diff32, ref32, tol32 = _merged_diff(tmp, ref.probe, ref.logits, torch.float32)
+                diff32, ref32, tol32 = merged_diff(tmp, ref.probe, ref.logits, torch.float32)
                 if diff32 <= tol32:
                     log.warning("merge: stored in %s, the merged model's logits moved by %.3g (tolerance %.3g); in "
                                 "float32 they match the adapter model's (max |diff| %.2g): the adapter's updates are "
@@ -306,7 +306,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, overwrite: bool 
                                 str(save_dtype).replace("torch.", ""), max_diff, tol, diff32)
                     max_diff, max_ref, tol, save_dtype = diff32, ref32, tol32, torch.float32
             if not max_diff <= tol:
-                raise _check_error(max_diff, tol)
+                raise check_error(max_diff, tol)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from sft.errors import MergeError
-from sft.merging.meta import _base_configs
-from sft.merging.plan import _LORA_KEY, ADAPTER_WEIGHTS, _check_adapter_files, _mismatch_error
+from sft.merging.meta import base_configs
+from sft.merging.plan import LORA_KEY, ADAPTER_WEIGHTS, check_adapter_files, mismatch_error
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +54,18 @@ def load_adapter_model(adapter_dir: str | Path, dtype: torch.dtype = torch.float
     from sft.models import load_base_model, resolve_source
 
     adapter_dir = Path(adapter_dir)
-    _check_adapter_files(adapter_dir)  # PEFT would unpickle an adapter_model.bin: refuse it here
-    model_cfg, quant_cfg, seed = _base_configs(adapter_dir, base_override)
+    check_adapter_files(adapter_dir)  # PEFT would unpickle an adapter_model.bin: refuse it here
+    model_cfg, quant_cfg, seed = base_configs(adapter_dir, base_override)
     if quant_cfg.mode == "nf4" and keep_4bit:
         base = load_base_model(model_cfg, quant_cfg, seed=seed, source=resolve_source(model_cfg))
     else:
         base = _reference_base(model_cfg, quant_cfg, seed, None, dtype)
     model = _attach(base, adapter_dir, model_cfg)
     model.eval()
-    return model, _tokenizer(adapter_dir, model_cfg)
+    return model, adapter_tokenizer(adapter_dir, model_cfg)
 
 
-def _adapter_model(model_cfg, quant_cfg, seed: int, base_dir: Path | None, adapter_dir: Path):
+def reference_adapter_model(model_cfg, quant_cfg, seed: int, base_dir: Path | None, adapter_dir: Path):
     """The adapter model as trained (fp32 arithmetic): the reference logits, and for the whole-model path the model
     that is merged."""
     model = _attach(_reference_base(model_cfg, quant_cfg, seed, base_dir, torch.float32), adapter_dir, model_cfg)
@@ -84,14 +84,14 @@ def _attach(base, adapter_dir: Path, model_cfg):
             warnings.filterwarnings("ignore", message="Found missing adapter keys")
             model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     except Exception as e:  # shape mismatches (RuntimeError), unknown target modules (ValueError), bad files
-        raise _mismatch_error(adapter_dir, model_cfg.name, (str(e).splitlines() or [type(e).__name__])[0]) from e
+        raise mismatch_error(adapter_dir, model_cfg.name, (str(e).splitlines() or [type(e).__name__])[0]) from e
     # Target modules given by short names (q_proj) also match in another architecture, where PEFT creates fresh
     # LoRA layers under other paths, ignores the adapter's weights (a warning, not an error) and the "merge" would
     # silently be the bare base. Every LoRA module of the file must land on a LoRA layer of the model, and back.
     from safetensors import safe_open
 
     with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as f:
-        in_file = {m["module"] for k in f.keys() if (m := _LORA_KEY.match(k))}
+        in_file = {m["module"] for k in f.keys() if (m := LORA_KEY.match(k))}
     in_model = {name.removeprefix("base_model.model.") for name, mod in model.named_modules()
                 if isinstance(getattr(mod, "lora_A", None), torch.nn.ModuleDict) and len(mod.lora_A)}
     unplaced, unfilled = sorted(in_file - in_model), sorted(in_model - in_file)
@@ -100,11 +100,11 @@ def _attach(base, adapter_dir: Path, model_cfg):
                   + " for the adapter's LoRA weights") if unplaced else (
                   f"the adapter has no LoRA weights for the base's {unfilled[0]}"
                   + (f" (nor {len(unfilled) - 1} more)" if len(unfilled) > 1 else ""))
-        raise _mismatch_error(adapter_dir, model_cfg.name, detail)
+        raise mismatch_error(adapter_dir, model_cfg.name, detail)
     return model
 
 
-def _tokenizer(adapter_dir: Path, model_cfg):
+def adapter_tokenizer(adapter_dir: Path, model_cfg):
     from sft.models import load_tokenizer
 
     if (adapter_dir / "tokenizer_config.json").is_file():
@@ -118,7 +118,7 @@ def _tokenizer(adapter_dir: Path, model_cfg):
     return tok
 
 
-def _probe_ids(tokenizer, vocab: int) -> torch.Tensor:
+def probe_ids(tokenizer, vocab: int) -> torch.Tensor:
     """Two rows of 16 tokens: a templated question, and seeded random ids over the whole vocabulary."""
     ids = tokenizer("Question: What is the capital of France?\n\nAnswer: Paris is the capital",
                     return_tensors="pt")["input_ids"][:, :16]
@@ -129,7 +129,7 @@ def _probe_ids(tokenizer, vocab: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _logits(model, probe: torch.Tensor) -> torch.Tensor:
+def probe_logits(model, probe: torch.Tensor) -> torch.Tensor:
     device = next(model.parameters()).device  # a 4-bit base lands on the GPU when there is one
     return model(input_ids=probe.to(device)).logits.float().cpu()
 
@@ -141,7 +141,7 @@ def _tolerance(save_dtype: torch.dtype, max_ref: float) -> float:
     return (1e-4 if save_dtype == torch.float32 else 3e-2) * max(1.0, max_ref)
 
 
-def _estimated_check_bytes(headers) -> int:
+def estimated_check_bytes(headers) -> int:
     n = 0
     for specs in headers.values():
         for _, _, shape in specs:
@@ -152,7 +152,7 @@ def _estimated_check_bytes(headers) -> int:
     return 6 * n  # fp32 copy + a bf16 copy while loading
 
 
-def _want_check(check: bool | str, need_bytes: int | None) -> bool:
+def want_check(check: bool | str, need_bytes: int | None) -> bool:
     if check is True or check is False:
         return check
     if check != "auto":
@@ -169,12 +169,12 @@ def _want_check(check: bool | str, need_bytes: int | None) -> bool:
     return True
 
 
-def _check_error(max_diff: float, tol: float) -> MergeError:
+def check_error(max_diff: float, tol: float) -> MergeError:
     return MergeError(f"merged model's logits differ from the adapter model's by {max_diff:.3g} (tolerance "
                       f"{tol:.3g}); the merge is wrong and was not written")
 
 
-def _merged_diff(merged_dir: Path, probe: torch.Tensor, reference: torch.Tensor,
+def merged_diff(merged_dir: Path, probe: torch.Tensor, reference: torch.Tensor,
                  save_dtype: torch.dtype) -> tuple[float, float, float]:
     """Reload the merged model: ``(max |logits - reference|, max |reference|, the tolerance for save_dtype)``."""
     from sft.models.pretrained import load_pretrained
@@ -184,7 +184,7 @@ def _merged_diff(merged_dir: Path, probe: torch.Tensor, reference: torch.Tensor,
                                                         use_safetensors=True)
     except Exception as e:
         raise MergeError(f"the merged model does not load: {e}") from e
-    got = _logits(reloaded, probe)
+    got = probe_logits(reloaded, probe)
     reloaded = None
     gc.collect()
     max_diff = (got - reference).abs().max().item()

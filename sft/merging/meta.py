@@ -77,7 +77,7 @@ def recorded_base(adapter_dir: str | Path) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
-def _base_configs(adapter_dir: Path, base_override: str | None = None):
+def base_configs(adapter_dir: Path, base_override: str | None = None):
     from sft.config import ModelConfig, QuantizationConfig
 
     meta, _ = find_base_meta(adapter_dir)

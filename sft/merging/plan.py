@@ -3,7 +3,7 @@
 The adapter is read from ``adapter_model.safetensors`` (never a pickle), never from a live, possibly
 ZeRO-3-partitioned model; an adapter saved from partitioned parameters (empty tensors) is refused. PEFT features
 the shard-by-shard merge does not reproduce (DoRA and other variants, convolution / embedding targets, tensors that
-are not in the base) raise :class:`_Unsupported`, which sends the merge down the whole-model path.
+are not in the base) raise :class:`Unsupported`, which sends the merge down the whole-model path.
 """
 
 from __future__ import annotations
@@ -21,21 +21,21 @@ from sft.merging.meta import recorded_base
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED_FLAGS = ("use_dora", "use_qalora", "lora_bias", "use_bdlora")
 _UNSUPPORTED_FIELDS = ("layer_replication", "target_parameters", "trainable_token_indices", "alora_invocation_tokens",
                        "megatron_config", "arrow_config", "kasa_config", "monteclora_config", "velora_config")
 
 
-class _Unsupported(Exception):
+class Unsupported(Exception):
     """The shard-by-shard path cannot reproduce this adapter / base: use the whole-model path."""
 
 
-class _Mismatch(MergeError):
+class Mismatch(MergeError):
     """The adapter's tensors do not fit the base's (re-raised by merge_adapter with both names)."""
 
 
-def _mismatch_error(adapter_dir: Path, base: str, detail: str) -> MergeError:
+def mismatch_error(adapter_dir: Path, base: str, detail: str) -> MergeError:
     trained = recorded_base(adapter_dir)
     on = f" (trained on {trained})" if trained else ""
     detail = detail.strip().rstrip(".")
@@ -46,7 +46,7 @@ def _mismatch_error(adapter_dir: Path, base: str, detail: str) -> MergeError:
     return MergeError(f"the adapter in {adapter_dir}{on} does not fit the base {base}: {detail}. {fix}")
 
 
-def _check_adapter_files(adapter_dir: Path) -> None:
+def check_adapter_files(adapter_dir: Path) -> None:
     """The adapter directory exists and holds adapter_config.json and safetensors weights (never a pickle)."""
     if not adapter_dir.exists():
         raise MergeError(
@@ -85,16 +85,16 @@ def _what_to_pass(given: Path) -> str:
 
 
 @dataclass
-class _Adapter:
+class Adapter:
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
 
 
-def _read_adapter(adapter_dir: Path) -> _Adapter:
+def read_adapter(adapter_dir: Path) -> Adapter:
     from safetensors import safe_open
 
     cfg_path, weights = adapter_dir / "adapter_config.json", adapter_dir / ADAPTER_WEIGHTS
-    _check_adapter_files(adapter_dir)
+    check_adapter_files(adapter_dir)
     try:
         config = json.loads(cfg_path.read_text())
     except ValueError as e:
@@ -116,24 +116,24 @@ def _read_adapter(adapter_dir: Path) -> _Adapter:
             )
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise MergeError(f"{weights}: tensor {k} holds NaN or Inf values; the adapter is corrupted")
-    return _Adapter(config, tensors)
+    return Adapter(config, tensors)
 
 
 def _refuse_unsupported(cfg: dict[str, Any]) -> None:
     for flag in _UNSUPPORTED_FLAGS:
         if cfg.get(flag):
-            raise _Unsupported(f"adapter uses {flag}")
+            raise Unsupported(f"adapter uses {flag}")
     for name in _UNSUPPORTED_FIELDS:
         if cfg.get(name) not in (None, {}, []):
-            raise _Unsupported(f"adapter sets {name}")
+            raise Unsupported(f"adapter sets {name}")
 
 
-def _split_tensors(adapter: _Adapter, base_keys: set[str]):
+def _split_tensors(adapter: Adapter, base_keys: set[str]):
     """``({module: {"A": t, "B": t}}, {base tensor name: replacement})`` from the adapter's tensor names."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     replacements: dict[str, torch.Tensor] = {}
     for key, t in adapter.tensors.items():
-        m = _LORA_KEY.match(key)
+        m = LORA_KEY.match(key)
         if m:
             pairs.setdefault(m["module"], {})[m["ab"]] = t
             continue
@@ -141,11 +141,11 @@ def _split_tensors(adapter: _Adapter, base_keys: set[str]):
         if plain in base_keys:  # a trained bias, or a module saved whole (modules_to_save)
             replacements[plain] = t
             continue
-        raise _Unsupported(f"adapter tensor {key} is neither a LoRA A/B weight nor a base tensor")
+        raise Unsupported(f"adapter tensor {key} is neither a LoRA A/B weight nor a base tensor")
     return pairs, replacements
 
 
-def _lora_plan(adapter: _Adapter, base_keys: set[str]):
+def lora_plan(adapter: Adapter, base_keys: set[str]):
     """{base weight name: (A, B, scale, fan_in_fan_out)} and {base tensor name: replacement} for the shard path."""
     cfg = adapter.config
     _refuse_unsupported(cfg)
@@ -159,12 +159,12 @@ def _lora_plan(adapter: _Adapter, base_keys: set[str]):
             raise MergeError(f"the adapter has lora_{'A' if 'B' in ab else 'B'} but not its pair for {module}")
         a, b = ab["A"], ab["B"]
         if a.ndim != 2 or b.ndim != 2:
-            raise _Unsupported(f"{module}: LoRA weights of rank {a.ndim} (convolution or embedding targets)")
+            raise Unsupported(f"{module}: LoRA weights of rank {a.ndim} (convolution or embedding targets)")
         if a.shape[0] != b.shape[1]:
             raise MergeError(f"{module}: lora_A is {tuple(a.shape)} but lora_B is {tuple(b.shape)}; the adapter is corrupted")
         target = f"{module}.weight"
         if target not in base_keys:
-            raise _Unsupported(f"the base checkpoint has no tensor {target}")
+            raise Unsupported(f"the base checkpoint has no tensor {target}")
         r = a.shape[0]
         alpha = float(alpha_pattern[get_pattern_key(alpha_pattern.keys(), module)]) if alpha_pattern and \
             get_pattern_key(alpha_pattern.keys(), module) in alpha_pattern else float(cfg.get("lora_alpha", 8))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from sft.errors import MergeError
-from sft.merging.plan import _Adapter, _lora_plan, _Mismatch, _Unsupported
+from sft.merging.plan import Adapter, lora_plan, Mismatch, Unsupported
 
 INDEX = "model.safetensors.index.json"
 
@@ -40,7 +40,7 @@ for _name in ("float8_e4m3fn", "float8_e5m2"):
 # --------------------------------------------------------------------------------------------- the base on disk
 
 
-def _shard_files(model_dir: Path) -> list[str] | None:
+def shard_files(model_dir: Path) -> list[str] | None:
     """The base's safetensors shard file names, or None when it has none (complete) on disk."""
     index = model_dir / INDEX
     if index.is_file():
@@ -78,7 +78,7 @@ def base_weights_dir(model_cfg, quant_cfg, seed: int) -> Path | None:
         except Exception:  # not (completely) cached
             return None
     path = Path(path)
-    if not (path / "config.json").is_file() or _shard_files(path) is None:
+    if not (path / "config.json").is_file() or shard_files(path) is None:
         return None
     cfg = json.loads((path / "config.json").read_text())
     if cfg.get("quantization_config"):  # a pre-quantized checkpoint: its tensors are not plain weights
@@ -108,7 +108,7 @@ def _shard_headers(base_dir: Path, files: list[str]) -> dict[str, list[tuple[str
 
 
 @dataclass
-class _ShardPlan:
+class ShardPlan:
     """What the shard-by-shard merge reads (``files`` of ``base_dir`` and their ``headers``) and adds."""
 
     base_dir: Path
@@ -119,23 +119,23 @@ class _ShardPlan:
     qnames: set[str] = field(default_factory=set)
 
 
-def _shard_plan(adapter: _Adapter, base_dir: Path, quant_cfg) -> _ShardPlan:
-    """The plan for merging ``adapter`` onto the safetensors in ``base_dir``; :class:`_Unsupported` when the
+def shard_plan(adapter: Adapter, base_dir: Path, quant_cfg) -> ShardPlan:
+    """The plan for merging ``adapter`` onto the safetensors in ``base_dir``; :class:`Unsupported` when the
     shard path cannot reproduce it."""
     from transformers import AutoConfig
 
     from sft.models import quantized_weight_names
 
-    files = _shard_files(base_dir)
+    files = shard_files(base_dir)
     headers = _shard_headers(base_dir, files)
     base_keys = {k for specs in headers.values() for k, _, _ in specs}
-    deltas, replacements = _lora_plan(adapter, base_keys)
+    deltas, replacements = lora_plan(adapter, base_keys)
     qnames: set[str] = set()
     if quant_cfg.mode == "nf4":
         qnames = quantized_weight_names(AutoConfig.from_pretrained(base_dir), quant_cfg)
         if not qnames <= base_keys:
-            raise _Unsupported("the checkpoint's tensor names differ from the model's module names")
-    return _ShardPlan(base_dir, files, headers, deltas, replacements, qnames)
+            raise Unsupported("the checkpoint's tensor names differ from the model's module names")
+    return ShardPlan(base_dir, files, headers, deltas, replacements, qnames)
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -201,7 +201,7 @@ def _fault_after_shard(n_written: int) -> None:
 class _TensorMerge:
     """How each base tensor becomes a merged one; ``done`` collects the adapter weights that found their tensor."""
 
-    plan: _ShardPlan
+    plan: ShardPlan
     model_cfg: Any
     quant_cfg: Any
     save_dtype: torch.dtype
@@ -213,7 +213,7 @@ class _TensorMerge:
         specs = []
         for key, st_dtype, shape in self.plan.headers[src_name]:
             if st_dtype not in _ST_NAMES:
-                raise _Unsupported(f"{src_name}: tensor {key} has dtype {st_dtype}")
+                raise Unsupported(f"{src_name}: tensor {key} has dtype {st_dtype}")
             dt = _ST_NAMES[st_dtype]
             specs.append((key, self.save_dtype if dt.is_floating_point else dt, shape))
         return specs
@@ -237,7 +237,7 @@ class _TensorMerge:
             if fan_in_fan_out:
                 delta = delta.T
             if delta.shape != w.shape:
-                raise _Mismatch(f"{key} is {tuple(w.shape)} in the base but the adapter's B@A is {tuple(delta.shape)}")
+                raise Mismatch(f"{key} is {tuple(w.shape)} in the base but the adapter's B@A is {tuple(delta.shape)}")
             w = w.float().add_(delta, alpha=scale)
             del delta
             if not torch.isfinite(w).all():
@@ -246,7 +246,7 @@ class _TensorMerge:
         elif key in self.plan.replacements:
             r = self.plan.replacements[key]
             if r.shape != w.shape:
-                raise _Mismatch(f"the adapter's {key} is {tuple(r.shape)}, the base's {tuple(w.shape)}")
+                raise Mismatch(f"the adapter's {key} is {tuple(r.shape)}, the base's {tuple(w.shape)}")
             w = r
             self.done.add(key)
         return w.to(self.save_dtype)
@@ -270,7 +270,7 @@ def _write_shard(merge: _TensorMerge, src_name: str, dst: Path, weight_map: dict
     return writer.nbytes
 
 
-def _merge_shards(plan: _ShardPlan, out_dir: Path, model_cfg, quant_cfg, save_dtype: torch.dtype,
+def merge_shards(plan: ShardPlan, out_dir: Path, model_cfg, quant_cfg, save_dtype: torch.dtype,
                   onto: str = "dequantized") -> int:
     """Write the merged model's safetensors (and index) into ``out_dir``; returns the number of shards."""
     merge = _TensorMerge(plan, model_cfg, quant_cfg, save_dtype, onto)
@@ -283,13 +283,13 @@ def _merge_shards(plan: _ShardPlan, out_dir: Path, model_cfg, quant_cfg, save_dt
         _fault_after_shard(out_names.index(dst_name) + 1)
     missing = (set(plan.deltas) | set(plan.replacements)) - merge.done
     if missing:
-        raise _Mismatch(f"the base has no tensors for adapter weights {sorted(missing)[:3]}")
+        raise Mismatch(f"the base has no tensors for adapter weights {sorted(missing)[:3]}")
     if n > 1:
         (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return n
 
 
-def _write_side_files(base_dir: Path | None, out_dir: Path, save_dtype: torch.dtype, tokenizer) -> None:
+def write_side_files(base_dir: Path | None, out_dir: Path, save_dtype: torch.dtype, tokenizer) -> None:
     """config.json as the base's (its ``dtype`` set to what was written), generation config, tokenizer."""
     cfg = json.loads((base_dir / "config.json").read_text())
     name = str(save_dtype).replace("torch.", "")

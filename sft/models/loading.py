@@ -16,8 +16,8 @@ from sft.distributed import sharded_launch, zero3_init
 from sft.models.architectures import build_random
 from sft.models.cache import dense_copy_of_gguf, materialize_arch
 from sft.models.memory import apply_checkpointing, choose_checkpointing
-from sft.models.precision import _torch_dtype, apply_dtype_policy
-from sft.models.quantization import _bnb_config
+from sft.models.precision import to_torch_dtype, apply_dtype_policy
+from sft.models.quantization import bnb_config
 from sft.models.sources import ModelSource, resolve_source
 from sft.models.tokenizers import load_tokenizer
 from sft.ops.capabilities import supports
@@ -74,8 +74,8 @@ def load_base_model(cfg: ModelConfig, quant: QuantizationConfig, seed: int = 42,
     attn = "sdpa" if cfg.attn_implementation == "auto" else resolve_attention(cfg.attn_implementation)
     common: dict[str, Any] = dict(attn_implementation=attn)
     if quant.mode == "nf4":
-        common["quantization_config"] = _bnb_config(quant)
-        common["dtype"] = _torch_dtype(quant.compute_dtype)
+        common["quantization_config"] = bnb_config(quant)
+        common["dtype"] = to_torch_dtype(quant.compute_dtype)
     try:
         if source.kind == "arch":
             if quant.mode == "nf4":

@@ -8,7 +8,7 @@ from sft.errors import ConfigError
 from sft.ops.capabilities import cpu_flags
 
 
-def _torch_dtype(name: str) -> torch.dtype:
+def to_torch_dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32, "uint8": torch.uint8}[name]
 
 

@@ -10,7 +10,7 @@ import torch
 from sft.config import QuantizationConfig
 from sft.distributed import sharded_launch
 from sft.errors import ConfigError
-from sft.models.precision import _torch_dtype
+from sft.models.precision import to_torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def resolve_quant_storage(q: QuantizationConfig) -> str:
     return q.quant_storage
 
 
-def _bnb_config(q: QuantizationConfig):
+def bnb_config(q: QuantizationConfig):
     """NF4 with (by default) double quantization, computing in ``q.compute_dtype``: the QLoRA recipe."""
     try:
         import bitsandbytes  # noqa: F401
@@ -55,15 +55,15 @@ def _bnb_config(q: QuantizationConfig):
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=_torch_dtype(q.compute_dtype),
-        bnb_4bit_quant_storage=_torch_dtype(resolve_quant_storage(q)),
+        bnb_4bit_compute_dtype=to_torch_dtype(q.compute_dtype),
+        bnb_4bit_quant_storage=to_torch_dtype(resolve_quant_storage(q)),
     )
 
 
 def nf4_roundtrip(weight: torch.Tensor, q: QuantizationConfig, device: str | torch.device | None = None) -> torch.Tensor:
     """The weight a QLoRA model computes with: bitsandbytes' dequantization of its NF4 quantization.
 
-    Reproduces what loading with :func:`_bnb_config` does to one Linear weight: cast to the compute dtype
+    Reproduces what loading with :func:`bnb_config` does to one Linear weight: cast to the compute dtype
     (transformers casts before quantizing), quantize in blocks of :data:`NF4_BLOCKSIZE` with the absmax
     constants quantized again when ``double_quant``, then dequantize (the result is in the compute dtype).
     ``device``: where to quantize (default: CUDA when present, like training; else CPU). Returned on CPU."""
@@ -71,10 +71,10 @@ def nf4_roundtrip(weight: torch.Tensor, q: QuantizationConfig, device: str | tor
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    w = weight.to(device=device, dtype=_torch_dtype(q.compute_dtype)).contiguous()
+    w = weight.to(device=device, dtype=to_torch_dtype(q.compute_dtype)).contiguous()
     packed, state = bnbf.quantize_4bit(
         w, blocksize=NF4_BLOCKSIZE, compress_statistics=q.double_quant, quant_type="nf4",
-        quant_storage=_torch_dtype(q.quant_storage or "uint8"),
+        quant_storage=to_torch_dtype(q.quant_storage or "uint8"),
     )
     return bnbf.dequantize_4bit(packed, state).to("cpu")
 
@@ -94,7 +94,7 @@ def quantized_weight_names(config, q: QuantizationConfig) -> set[str]:
         from transformers.integrations import replace_with_bnb_linear
         from transformers.quantizers.base import HfQuantizer
 
-        bnb_cfg = _bnb_config(q)
+        bnb_cfg = bnb_config(q)
         skip = HfQuantizer.get_modules_to_not_convert(
             model, bnb_cfg.llm_int8_skip_modules, getattr(model, "_keep_in_fp32_modules", None)
         )

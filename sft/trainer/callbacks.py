@@ -51,14 +51,16 @@ class ThroughputCallback(TrainerCallback):
 
 class TrackerMetrics(TrainerCallback):
     """Logs sft's numbers to the ``report_to`` trackers at every logging step: tokens/s, MFU, peak memory per rank,
-    the data-wait share, and the accuracy before training at step 0 (see :mod:`sft.trainer.tracking`).
+    the data-wait share, and the run hooks' numbers measured before training at step 0 (``at_start``; see
+    :mod:`sft.trainer.tracking`).
 
     ``bind(trainer)`` after the Trainer exists, ``detach()`` when train() returned, ``finish(metrics)`` after the
     merge and its checks."""
 
-    def __init__(self, timer: StepTimer, report_to: list[str], seq_length: int, accuracy_before: float | None = None):
+    def __init__(self, timer: StepTimer, report_to: list[str], seq_length: int,
+                 at_start: dict[str, float] | None = None):
         self.timer, self.report_to, self.seq_length = timer, list(report_to), seq_length
-        self.accuracy_before = accuracy_before
+        self.at_start = dict(at_start or {})
         self.trainer = None
         self.peak_flops = 0.0
         self.flops_per_token = 0.0
@@ -87,8 +89,8 @@ class TrackerMetrics(TrainerCallback):
             self.peak_flops = measure_gemm_peak(dtype, size=1024, seconds=1.0, device=device)["peak"] * args.world_size
         if model is not None:
             self.flops_per_token = flops_per_token(model, self.seq_length, checkpointing_fraction(model)).model
-        if self.accuracy_before is not None:
-            self.trainer.log({"eval_accuracy_before": self.accuracy_before})
+        if self.at_start:
+            self.trainer.log(dict(self.at_start))
         self.step_end = time.perf_counter()  # the first step's data wait and interval start here
 
     def on_step_begin(self, args, state, control, **kw):

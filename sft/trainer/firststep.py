@@ -82,7 +82,7 @@ class FirstStepCheck:
     @override("transformers.Trainer._maybe_log_save_evaluate")
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
         if not getattr(self, "_first_step_checked", False):
-            from sft.trainer.trainer import strategy
+            from sft.trainer.strategy import strategy
 
             self._first_step_checked = True
             losses, self._first_step_losses = getattr(self, "_first_step_losses", []), []

@@ -5,8 +5,8 @@ what the Trainer does not know -- tokens/s, MFU, peak memory per rank, the share
 data, held-out accuracy and the merge check -- by logging them through that same ``log()``, as they happen.
 Numbers that exist only after ``train()`` returned (accuracy after training, the merge check) are sent to the same
 integration callbacks afterwards, and then the trackers are closed. The callback that does both is
-:class:`sft.trainer.callbacks.TrackerMetrics`; this module checks ``report_to`` and points the integrations at
-the run's log directory.
+:class:`sft.trainer.callbacks.TrackerMetrics`; :mod:`sft.config.trackers` checks ``report_to``; this module
+points the integrations at the run's log directory.
 
 Where logs land: ``output_dir/logs/<run>`` (TensorBoard event files, the W&B run folder); MLflow uses
 ``MLFLOW_TRACKING_URI`` when the user set one, else a file store in ``output_dir/logs/mlruns`` (MLflow 3 wants
@@ -16,30 +16,9 @@ Where logs land: ``output_dir/logs/<run>`` (TensorBoard event files, the W&B run
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import time
 from pathlib import Path
-
-#: tracker -> (module that must import, pip package that provides it)
-TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
-            "mlflow": ("mlflow", "mlflow (or mlflow-skinny)")}
-
-
-def check_trackers(report_to: list[str]) -> list[str]:
-    """Problems with ``training.report_to``: unknown names, or trackers whose package is not installed."""
-    problems = []
-    for name in report_to:
-        if name == "none":
-            continue
-        if name not in TRACKERS:
-            problems.append(f"training.report_to: unknown tracker {name!r}; use none, {', '.join(TRACKERS)}")
-        elif importlib.util.find_spec(TRACKERS[name][0]) is None:
-            problems.append(f"training.report_to: {name} is not installed; pip install {TRACKERS[name][1]}")
-    if "none" in report_to and len(report_to) > 1:
-        problems.append("training.report_to: 'none' cannot be combined with trackers")
-    return problems
-
 
 def active(report_to: list[str]) -> list[str]:
     return [t for t in report_to if t != "none"]

@@ -47,13 +47,3 @@ class Collator:
             batch["labels"] = batch["labels"].masked_fill(batch["position_ids"] == 0, IGNORE)
         return batch
 
-
-def strategy(trainer) -> str:
-    """The parallel strategy the Trainer will really use (accelerate can silently fall back to DDP)."""
-    if trainer.is_deepspeed_enabled:
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        return "deepspeed-zero3" if is_deepspeed_zero3_enabled() else "deepspeed-zero2"
-    if trainer.is_fsdp_enabled:
-        return f"fsdp{getattr(trainer.accelerator.state.fsdp_plugin, 'fsdp_version', 1)}"
-    return "ddp" if trainer.args.world_size > 1 else "single"

@@ -37,7 +37,8 @@ from sft.data.ingest.badrows import Problems, check_policy
 from sft.data.ingest.formats import RECORD_FORMATS, Converter, Fields, MapError, extra_fields, parse_fields
 from sft.data.ingest.readers import FORMATS, BadRecord, normalize_fmt, read
 from sft.data.ingest.readers import detect as detect_file
-from sft.data.ingest.writer import COLUMNS, CONVERSATION, _check_out, _is_remote, write_dataset
+from sft.data.ingest.writer import COLUMNS, CONVERSATION, check_out, write_dataset
+from sft.data.source import is_remote
 from sft.errors import IngestError
 
 __all__ = ["COLUMNS", "CONVERSATION", "FORMATS", "RECORD_FORMATS", "IngestReport", "ingest", "write_dataset"]
@@ -89,8 +90,8 @@ def _check_inputs(inputs, out: str, mapping, fmt, split, overwrite: bool, record
     plan = [(p, detect_file(p, fmt)) for p in inputs]
     if split is not None and not any(kind == "hf" for _, kind in plan):
         raise IngestError(f"--split {split} only applies to Hugging Face dataset directories; drop it")
-    _check_out(out, overwrite)  # fail before reading gigabytes (write_dataset checks again, cheaply)
-    if _is_remote(out):
+    check_out(out, overwrite)  # fail before reading gigabytes (write_dataset checks again, cheaply)
+    if is_remote(out):
         from sft.data.creds import check_remote_out
 
         check_remote_out(out, overwrite, creds)  # a wrong key or an existing dataset, before any input is read

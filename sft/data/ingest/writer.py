@@ -42,7 +42,7 @@ def _is_remote(path: str) -> bool:
     return is_remote(path)
 
 
-def _check_out(out: str, overwrite: bool) -> str:
+def check_out(out: str, overwrite: bool) -> str:
     """Validate the output path before any input is read; return it absolute."""
     if not isinstance(out, str) or not out.strip():
         raise IngestError(f"output path must be a non-empty string, got {out!r}; pass --out PATH")
@@ -87,7 +87,7 @@ def _check_row(row: Any, i: int) -> None:
 
 
 def _replace(tmp: str, out: str) -> None:
-    """Move the finished ``tmp`` to ``out``; an existing ``out`` (already cleared by _check_out) is swapped out."""
+    """Move the finished ``tmp`` to ``out``; an existing ``out`` (already cleared by check_out) is swapped out."""
     if not os.path.lexists(out):
         os.rename(tmp, out)
         return
@@ -116,7 +116,7 @@ class _Target:
 
 
 def _target(out: str, overwrite: bool, creds: Any) -> _Target:
-    path = _check_out(out, overwrite)
+    path = check_out(out, overwrite)
     if _is_remote(out):
         from sft.data.creds import check_remote_out
 
