@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.helpers import shm_segments
 
 pytest.importorskip("deepspeed")
 
@@ -34,11 +35,6 @@ def _ccl_root() -> str | None:
     if root and (Path(root) / "lib" / "libccl.so").exists() and (Path(root) / "include" / "oneapi" / "ccl.hpp").exists():
         return root
     return None
-
-
-def shm_segments() -> set[str]:
-    """DeepSpeed's shared-memory all-reduce buffers now in /dev/shm (66 MB each, one per local rank)."""
-    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
 
 
 def _run(backend: str, tmp_path: Path, limit: int = 55) -> dict:

@@ -104,7 +104,7 @@ def test_qlora_prepares_and_trains_on_cpu():
 
 @pytest.fixture(scope="module")
 def nf4_adapter(tmp_path_factory) -> Path:
-    from tests.test_merging import make_adapter
+    from tests.helpers import make_adapter
 
     return make_adapter(tmp_path_factory.mktemp("nf4") / "adapter", ModelConfig(name="arch:tiny-llama"), NF4)
 

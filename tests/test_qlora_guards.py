@@ -23,7 +23,7 @@ from sft import stages
 from sft.config import RunConfig
 from sft.data.arrow import write_arrow_dataset
 from sft.errors import SftError
-from tests.test_distributed import free_port
+from tests.helpers import free_port
 
 pytest.importorskip("bitsandbytes")
 
@@ -165,7 +165,7 @@ def test_first_step_check_stops_both_zero2_qlora_ranks(data, tmp_path):
     """DeepSpeed ZeRO-2 + QLoRA on 2 CPU ranks (DeepSpeed's CPU accelerator), rank 1's first loss zero: both stop,
     and DeepSpeed's shared-memory all-reduce buffers are not left behind."""
     pytest.importorskip("deepspeed")
-    from tests.test_cpu_deepspeed import shm_segments
+    from tests.helpers import shm_segments
 
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_bad_input import run_cli
+from tests.helpers import run_cli
 from sft.data.ingest import write_dataset
 from sft.data.source import ShardedSource
 
@@ -204,7 +204,7 @@ def _env(**extra) -> dict:
 def test_two_ranks_stream_disjoint_shards_from_s3_and_match_one_rank(s3, tmp_path):
     """2 ranks (creds from data.creds) and 1 rank (creds from AWS_* variables) on the same global batches give the
     same losses only if each rank streamed exactly its own half; no secret in any output."""
-    from tests.test_distributed import TRAIN, fixed_length_rows, launch
+    from tests.helpers import TRAIN, fixed_length_rows, launch
 
     from sft.config import ModelConfig
     from sft.models import load_tokenizer
@@ -250,7 +250,7 @@ RESUME = ["model.name=arch:tiny-llama", "model.dtype=fp32", "demo.generate=false
 
 @pytest.mark.slow
 def test_resume_from_a_checkpoint_continues_the_s3_stream_bit_exact(s3, tmp_path):
-    from tests.test_resume import assert_bit_exact, complete_steps
+    from tests.helpers import assert_bit_exact, complete_steps
 
     write_dataset(url("resume"), ROWS, progress=False, creds=s3.creds, overwrite=True)
     args = [sys.executable, "-m", "sft.cli", "train", *RESUME, f"data.path={url('resume')}",
