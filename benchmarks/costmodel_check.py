@@ -48,9 +48,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path, caption: str = "") -> Path:
-    from benchmarks.report import _atomic_savefig, _plt
+    from benchmarks.report import atomic_savefig, pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5))
     top = 1.15 * max(max(r["measured_s"], r["predicted_s"]) for r in rows) * 1e3
     xs = [0, top]
@@ -75,7 +75,7 @@ def plot(rows: list[dict], path: Path, caption: str = "") -> Path:
     ax.grid(alpha=0.3)
     if caption:
         fig.text(0.01, -0.02, caption, fontsize=7, color="#555555")
-    _atomic_savefig(fig, path)
+    atomic_savefig(fig, path)
     plt.close(fig)
     return path
 
