@@ -335,7 +335,7 @@ def test_project_takes_the_measured_data_parallel_overhead(capsys):
 
 
 def test_costmodel_check_numbers_runs_and_counts_the_band(tmp_path):
-    from benchmarks.costmodel_check import load, main, markdown
+    from benchmarks.studies.costmodel_check import load, main, markdown
 
     def row(cap, predicted, measured):
         return {"cap": cap, "link_bandwidth_Bps": 12.5e6, "link_latency_s": 1e-4, "one_node_step_s": 0.04,
