@@ -505,6 +505,7 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+@pytest.mark.multiprocess
 def test_disk_full_at_ingest(tmp_path):
     """Deep Lake 4.7 does not report failed writes (the dataset commits and reads back zeros): ingest reads the
     data back before renaming it into place, and names the cause."""
@@ -522,6 +523,7 @@ def test_disk_full_at_ingest(tmp_path):
     assert _leftovers(tmp_path) == ["big.jsonl"]  # no dataset, temp dir, nor the parent folder it created
 
 
+@pytest.mark.multiprocess
 def test_disk_full_at_merge(tmp_path, adapter):
     out = tmp_path / "sub" / "merged"
     p = run_limited(["merge", "--adapter", adapter, "--out", out, "--no-check"], tmp_path, 1_000_000)

@@ -171,6 +171,7 @@ def test_bad_arguments_and_failures_leave_nothing(tmp_path):
     assert not list((tmp_path / "out").iterdir())
 
 
+@pytest.mark.multiprocess
 def test_cli_export(tmp_path):
     model_dir = _tiny_model_dir(tmp_path, "llama")
     env_py = [sys.executable, "-m", "sft.cli"]

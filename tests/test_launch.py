@@ -482,6 +482,7 @@ def test_pin_dry_run(monkeypatch, capsys):
     assert rc == 0 and "local rank 1/2: cpus 1, OMP_NUM_THREADS=1" in out and "A=b" in out and sys.executable in out
 
 
+@pytest.mark.multiprocess
 def test_pin_execs_pinned(tmp_path):
     """A rank started through launch.pin runs on exactly its CPU with OMP_NUM_THREADS set."""
     cpu = max(os.sched_getaffinity(0))
@@ -687,6 +688,7 @@ def test_accelerate_config_loads_with_accelerates_loader(path, monkeypatch):
         assert cfg.fsdp_config["fsdp_version"] == 2 and cfg.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
 
 
+@pytest.mark.multiprocess
 def test_slurm_templates():
     """Static checks of launch/slurm (tests/test_slurm.py submits them to a real Slurm cluster)."""
     helper = (REPO / "launch" / "slurm" / "job.sh").read_text()
@@ -790,6 +792,7 @@ def _assert_world_of_two(rcs, out):
     return probes
 
 
+@pytest.mark.multiprocess
 def test_real_two_ranks_one_node(launches):
     probes = _assert_world_of_two(*launches["two_ranks"])
     affinities = sorted(p["cpu_affinity"] for p in probes)
@@ -797,6 +800,7 @@ def test_real_two_ranks_one_node(launches):
     assert all(p["omp_num_threads"] == "1" and p["threads_per_rank"] == 1 for p in probes)
 
 
+@pytest.mark.multiprocess
 def test_real_two_nodes_machine_rank_form(launches):
     _assert_world_of_two(*launches["two_nodes"])
 

@@ -22,7 +22,7 @@ from tests.netns import Hosts, skip_reason
 from tests.helpers import finish, free_port, launch
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
+pytestmark = [pytest.mark.multiprocess, pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]
 
 ROWS = 64
 STEPS, SAVE = 24, 4

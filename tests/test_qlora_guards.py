@@ -86,6 +86,7 @@ def test_quant_storage_mismatch_is_found_with_the_data_before_anything_loads(mon
         stages.open_checked(cfg, 0, 1)
 
 
+@pytest.mark.multiprocess
 def test_quant_storage_mismatch_stops_sft_train_before_the_model_is_built(data, tmp_path):
     """Under a ZeRO-3 launch's environment: exit 2 with the fix named, and no model built or cached."""
     env = _env(tmp_path, **SHARDED_ENVS["zero3"])
@@ -111,6 +112,7 @@ def _check_stopped(proc, out: Path, strategy: str, what: str) -> str:
     return text
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("kind, what", [("nan", "loss nan"), ("zero", "loss 0")])
 def test_first_step_check_single_process(data, tmp_path, kind, what):
     out = tmp_path / "out"
@@ -121,6 +123,7 @@ def test_first_step_check_single_process(data, tmp_path, kind, what):
     assert proc.returncode == 2
 
 
+@pytest.mark.multiprocess
 def test_first_step_check_passes_a_healthy_step(data, tmp_path):
     """The check itself does not stop a normal run, nor a bad step after the first (only the first is checked)."""
     out = tmp_path / "out"

@@ -110,6 +110,7 @@ ROWS = [{"question": f"What colour is item {i}?", "answer": f"Item {i} is {['red
 # ---------------------------------------------------------------------------------------------- ingest, open, fail
 
 
+@pytest.mark.multiprocess
 def test_ingest_to_s3_then_stream_it_back(s3, tmp_path, capsys):
     src = tmp_path / "train.jsonl"
     src.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in ROWS))
@@ -129,6 +130,7 @@ def test_ingest_to_s3_then_stream_it_back(s3, tmp_path, capsys):
     assert_no_secret(s3, out, err)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", ["wrong secret", "missing bucket", "missing dataset", "wrong ingest key"])
 def test_wrong_key_or_missing_bucket_fails_fast_before_the_model_loads(s3, tmp_path, capsys, monkeypatch, case):
     import sft.models
@@ -162,6 +164,7 @@ def test_wrong_key_or_missing_bucket_fails_fast_before_the_model_loads(s3, tmp_p
     assert wrong["aws_secret_access_key"] not in err
 
 
+@pytest.mark.multiprocess
 def test_creds_from_yaml_mapping_and_env_and_redaction(s3, tmp_path, monkeypatch):
     from sft.config import load_config
     from sft.data.creds import resolve
