@@ -1,6 +1,7 @@
 """training.torch_compile (issue #7): the compiled model does not recompile for a new packing layout or new label
 counts."""
 
+import pytest
 import torch
 
 from sft.data.packing import pack_examples
@@ -32,6 +33,7 @@ def _compiled_without_recompiles(model, first: dict, later: list[dict]) -> tuple
     return eager, out.loss
 
 
+@pytest.mark.slow
 def test_compiled_model_does_not_recompile_for_a_new_packing_layout():
     """training.torch_compile with sft_varlen: a second batch whose documents have other lengths must reuse the
     compiled graphs. Before, the per-document split sizes became guards and every new layout recompiled (a 3-step
@@ -55,6 +57,7 @@ def test_compiled_model_does_not_recompile_for_a_new_packing_layout():
     assert torch.allclose(compiled, eager, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_model_with_lora_dropout_does_not_recompile_for_new_label_counts():
     """training.torch_compile on sft's default path (fused LoRA linear with the CPU dropout mask, chunked loss):
     batches whose prompts mask a different number of labels must reuse the compiled graphs. Before, the chunked

@@ -85,6 +85,7 @@ def _train(sft, out, ds, *extra):
     return json.loads((out / "summary.json").read_text())["summary"], r
 
 
+@pytest.mark.slow
 def test_second_run_starts_from_the_cache(sft, tmp_path, monkeypatch):
     """Training by epochs counts once; a second run on the same dataset version reads the count, takes the same
     number of steps, and runs no counting pass (it never tokenizes for counting)."""
