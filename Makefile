@@ -1,13 +1,14 @@
-# Two commands on a fresh machine (Python >= 3.10 with pip and venv):
+# Two commands on a fresh machine (Python >= 3.10 with pip and venv), and a third for the edit loop:
 #   make demo   set up .venv and run the main job (the embedded SmolLM2 demo)
-#   make test   set up .venv and run the test suite
+#   make test   set up .venv and run the test suite, as CI does (30-45 min on 2 cores; the 25 slowest tests listed)
+#   make check  the fast tier for the edit loop: unit and single-process tests (-m "not slow and not multiprocess")
 # torch is installed FIRST and pinned: any later unpinned torch request could pull a multi-GB CUDA build.
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 
-.PHONY: demo test test-gpu-versions setup bench clean
+.PHONY: demo test check test-gpu-versions setup bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +53,12 @@ demo: $(BIN)/.installed
 	$(BIN)/sft train training.export_gguf=q8_0
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
+
+# markers in pyproject.toml: slow (trains a model end to end), multiprocess (starts ranks, launchers, servers or a
+# subprocess); everything else runs in this tier
+check: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "not slow and not multiprocess" --durations=10
 
 bench: $(BIN)/.installed
 	$(BIN)/sft bench --matrix benchmarks/matrices/cpu.yaml

@@ -1,4 +1,7 @@
-"""Benchmarks for sft: a matrix runner (`sft bench`), the seed-recipe baseline, and scaling studies.
+"""Benchmarks for sft: the `sft bench` tool (a matrix runner, the seed-recipe baseline, scaling studies) and, in
+``benchmarks.studies``, one-off studies.
+
+The tool trains through the public API (``sft.train``); a study may reach into sft's internals to measure one part.
 
 Modules, in the order a run uses them:
 
@@ -14,5 +17,9 @@ Modules, in the order a run uses them:
 ``report``     Markdown table (printed with rich, saved as .md) and PNG plots.
 ``costmodel``  compute time + ring all-reduce of LoRA gradients -> scaling efficiency projections.
 ``scaling``    `sft bench scaling`: measured strong / weak scaling over ranks, checked against the cost model.
+``session``    what every command shares: the options, the console, the run header (machine facts, peak).
 ``cli``        `sft bench ...` argument parsing.
+``allreduce``  the all-reduce micro-benchmark the scaling study fits the cost model with.
+``slurm_scaling``  `sft bench scaling --slurm`: the scaling study through sbatch.
+``gpu_check``, ``gpu_carry``  the GPU check (benchmarks/gpu_check.sh) and what travels to its machine.
 """

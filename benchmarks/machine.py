@@ -174,13 +174,25 @@ def measure_peak(seconds: float = 2.0, threads: int | None = None) -> dict:
     return out
 
 
+def core_groups(ranks: int, threads: int | None) -> tuple[list[list[int]], int]:
+    """CPU lists (one logical CPU per physical core) for each rank, and threads per rank."""
+    from launch.topology import detect_topology
+
+    topo = detect_topology()
+    allowed = set(topo.allowed)
+    cpus = [min(c for c in cs if c in allowed) for core, cs in topo.cores().items() if allowed.intersection(cs)]
+    per = threads or max(1, len(cpus) // ranks)
+    if per * ranks > len(cpus):
+        return [], per  # oversubscribed: do not pin
+    return [cpus[i * per:(i + 1) * per] for i in range(ranks)], per
+
+
 def measure_peak_isolated(seconds: float, env: dict[str, str] | None = None, pin: bool = True) -> dict:
     """:func:`measure_peak` in a fresh process started like a one-rank cell (same pinning, OMP_NUM_THREADS and
     extra environment), so that the peak is measured with the thread set-up the cells train with."""
     import json
     import sys
 
-    from benchmarks.runner import core_groups
     from launch.topology import format_cpu_list
 
     import torch

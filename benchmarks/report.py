@@ -211,13 +211,15 @@ def print_table(records: list[dict], title: str, console=None) -> None:
     console.print(t)
 
 
-def _atomic_savefig(fig, path: Path) -> None:
+def atomic_savefig(fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, written beside it and renamed into place."""
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     os.replace(tmp, path)
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,7 +240,7 @@ VARIANT_COLORS = ["#7f7f7f", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564
 
 def plot_bars(records: list[dict], key: str, scale: float, xlabel: str, title: str, path: Path,
               ratio_key: str | None = None) -> Path:
-    plt = _plt()
+    plt = pyplot()
     ok = [r for r in records if r.get("status") == "ok" and r.get("metrics")]
 
     def vname(r: dict) -> str:
@@ -269,7 +271,7 @@ def plot_bars(records: list[dict], key: str, scale: float, xlabel: str, title: s
     ax.legend(handles, variants, fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     add_machine_caption(fig, (records[0] if records else {}).get("machine") or {})
-    _atomic_savefig(fig, path)
+    atomic_savefig(fig, path)
     plt.close(fig)
     return path
 

@@ -36,7 +36,7 @@ from benchmarks.cell import SPAWN_ENV
 from benchmarks.jsonl import append_jsonl
 from benchmarks.matrix import CellSpec, baseline_for
 from benchmarks.metrics import aggregate, ratios
-from benchmarks.machine import REPO_ROOT
+from benchmarks.machine import REPO_ROOT, core_groups
 
 DEFAULT_RESULTS = REPO_ROOT / "benchmarks" / "results"
 SCHEMA = 1
@@ -69,19 +69,6 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def core_groups(ranks: int, threads: int | None) -> tuple[list[list[int]], int]:
-    """CPU lists (one logical CPU per physical core) for each rank, and threads per rank."""
-    from launch.topology import detect_topology
-
-    topo = detect_topology()
-    allowed = set(topo.allowed)
-    cpus = [min(c for c in cs if c in allowed) for core, cs in topo.cores().items() if allowed.intersection(cs)]
-    per = threads or max(1, len(cpus) // ranks)
-    if per * ranks > len(cpus):
-        return [], per  # oversubscribed: do not pin
-    return [cpus[i * per:(i + 1) * per] for i in range(ranks)], per
 
 
 def cell_allocator_env(cell: CellSpec, env: dict[str, str]) -> dict[str, str]:

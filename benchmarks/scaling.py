@@ -153,9 +153,9 @@ def markdown(result: dict, meta: dict) -> str:
 
 
 def plot(result: dict, path: Path, title: str, machine: dict | None = None) -> Path:
-    from benchmarks.report import _atomic_savefig, _plt
+    from benchmarks.report import atomic_savefig, pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for mode, marker, color in (("strong", "o", "#1f77b4"), ("weak", "s", "#2ca02c")):
         pts = sorted([r for r in result["measured"] if r["mode"] in (mode, "base")], key=lambda r: r["ranks"])
@@ -195,13 +195,13 @@ def plot(result: dict, path: Path, title: str, machine: dict | None = None) -> P
     from benchmarks.report import add_machine_caption
 
     add_machine_caption(fig, machine or {})
-    _atomic_savefig(fig, path)
+    atomic_savefig(fig, path)
     plt.close(fig)
     return path
 
 
 def cmd_scaling(args: argparse.Namespace) -> int:
-    from benchmarks.cli import _options, make_console, start_run
+    from benchmarks.session import make_console, run_options, start_run
     from benchmarks.data import ensure_dataset
     from benchmarks.jsonl import append_jsonl, results_stem
     from benchmarks.runner import run_cells
@@ -214,7 +214,7 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     profiles = network_profiles(args)
     steps = args.steps if args.steps is not None else 3
     warmup = args.warmup if args.warmup is not None else 1
-    opts = _options(args, steps, warmup)
+    opts = run_options(args, steps, warmup)
     meta = start_run("scaling", "scaling", "scaling study", args, console)
     dataset = ensure_dataset(args.dataset_rows or 2000)
     stem = results_stem(meta["machine"])

@@ -24,13 +24,11 @@ import shutil
 import sys
 from pathlib import Path
 
+from .errors import PinError
+from .ranks import pin_settings
 from .topology import cgroup_cpuset, format_cpu_list, parse_cpu_list
 
 LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
-
-
-class PinError(RuntimeError):
-    pass
 
 
 def local_rank_from_env(env=None) -> int:
@@ -59,20 +57,6 @@ def resolve_target(argv: list[str]) -> list[str]:
     if exe is None:
         raise PinError(f"{head!r} not found on PATH or next to {sys.executable}")
     return [exe, *argv[1:]]
-
-
-def pin_settings(cpu_sets: list[list[int]], local_rank: int, ccl: bool = False) -> tuple[list[int], dict[str, str]]:
-    """(cpus, per-rank env) for ``local_rank``; refuses a rank the plan has no CPUs for (oversubscription)."""
-    if local_rank >= len(cpu_sets) or local_rank < 0:
-        raise PinError(
-            f"local rank {local_rank} but the plan pins only {len(cpu_sets)} rank(s) per node: more ranks were started "
-            "per node than planned (they would oversubscribe the cores); check --num_processes / --npernode"
-        )
-    cpus = sorted(cpu_sets[local_rank])
-    env = {"OMP_NUM_THREADS": str(len(cpus)), "SFT_PINNED_CPUS": format_cpu_list(cpus), "SFT_LOCAL_SIZE": str(len(cpu_sets))}
-    if ccl:
-        env.update({"CCL_LOCAL_RANK": str(local_rank), "CCL_LOCAL_SIZE": str(len(cpu_sets))})
-    return cpus, env
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,8 +27,8 @@ uses) only affect Intel's OpenMP runtime (libiomp5, e.g. preloaded with IPEX); t
 which ignores them. The process affinity set by launch.pin is what keeps threads on the rank's cores either way.
 
 Rooms: :mod:`launch.network` (hostfile, the interface to the master), :mod:`launch.backends` (``auto``, oneCCL
-and the ``ds-ccl`` prerequisites), :mod:`launch.commands` (the launch forms and their command lines); this module
-holds the plan itself, the rank layout, the env every rank gets, and the checks and the printout of a plan.
+and the ``ds-ccl`` prerequisites), :mod:`launch.commands` (the launch forms and their command lines), :mod:`launch.ranks`
+(a rank's CPUs and the env that goes with them); this module holds the plan itself, the rank layout, the env every rank gets, and the checks and the printout of a plan.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from .backends import CCL_BACKENDS, DsCclPrereqs, ccl_env, ds_ccl_env, require_d
 from .commands import Command, Job, build_commands
 from .errors import PlanError
 from .network import DEFAULT_PORT, read_hosts, route_iface
-from .pin import pin_settings
+from .ranks import pin_settings
 from .topology import Topology, format_cpu_list
 
 PER_CHOICES = ("socket", "numa")

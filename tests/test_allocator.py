@@ -55,6 +55,7 @@ def _run(tmp_path, *args: str, env: dict | None = None) -> list[str]:
     return proc.stdout.split()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["jemalloc", "tcmalloc"])
 def test_reexec_really_runs_the_process_on_the_allocator(tmp_path, name):
     if not HAVE[name]:
@@ -63,6 +64,7 @@ def test_reexec_really_runs_the_process_on_the_allocator(tmp_path, name):
     assert (have, guard) == (name, name)  # /proc/self/maps of the re-executed process maps the library
 
 
+@pytest.mark.multiprocess
 def test_reexec_to_system_and_after_torch_changes_nothing(tmp_path):
     assert _run(tmp_path, "system")[:2] == ["system", "-"]
     if HAVE["jemalloc"]:

@@ -53,6 +53,7 @@ def test_arrow_is_validated_like_deeplake(tmp_path):
         write_arrow_dataset(str(tmp_path / "blank"), [])
 
 
+@pytest.mark.multiprocess
 def test_arrow_needs_no_deeplake(both):
     """A fresh process where `import deeplake` fails reads and shards the Arrow dataset (the GPU machine)."""
     code = ("import sys; sys.modules['deeplake'] = None\n"

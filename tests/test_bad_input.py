@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import deeplake
@@ -47,40 +46,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sft import cli
 from sft.data.ingest import write_dataset
+from tests.helpers import train_args
 
 SFT = [sys.executable, "-m", "sft.cli"]
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-@dataclass
-class Result:
-    rc: int
-    out: str
-    err: str
-
-    def __iter__(self):  # rc, out, err = run_cli(...)
-        return iter((self.rc, self.out, self.err))
-
-
-def run_cli(capsys, *argv) -> Result:
-    """Run the real CLI in this process; the environment it sets (offline mode, telemetry) is undone after."""
-    saved = dict(os.environ)
-    try:
-        rc = cli.main([str(a) for a in argv])
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    out, err = capsys.readouterr()
-    return Result(rc, out, err)
-
-
-@pytest.fixture
-def sft(capsys):
-    """``sft(*argv)``: :func:`run_cli` with this test's captured output."""
-    return lambda *argv: run_cli(capsys, *argv)
 
 
 @pytest.fixture
@@ -136,15 +107,6 @@ def good_ds(tmp_path_factory) -> Path:
     return path
 
 
-def train_args(out: Path, data_path, *extra) -> list[str]:
-    """A tiny, fast run: random-init tiny-llama, 1 step, nothing saved but the adapter, no merge."""
-    return ["train", "--config", "demo", "model=arch:tiny-llama", "model.dtype=fp32", "demo.generate=false",
-            f"data.path={data_path}", "data.eval_path=null", "data.seq_length=32", "training.max_steps=1",
-            "training.per_device_train_batch_size=2", "training.eval_strategy=no", "training.save_strategy=no",
-            "training.progress=false", "demo.accuracy_samples=0", "training.merge=false",
-            "training.warmup_steps=0", "training.logging_steps=1", f"training.output_dir={out}", *extra]
-
-
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory) -> Path:
     """An adapter as training saves it (tiny-llama, fp32, LoRA on q_proj / v_proj), its base materialised."""
@@ -152,7 +114,7 @@ def adapter(tmp_path_factory) -> Path:
 
     from sft.config import ModelConfig
     from sft.models import materialize_arch
-    from tests.test_merging import make_adapter
+    from tests.helpers import make_adapter
 
     path = make_adapter(tmp_path_factory.mktemp("adapter") / "adapter",
                         ModelConfig(name="arch:tiny-llama", dtype="fp32"), targets=("q_proj", "v_proj"))
@@ -543,6 +505,7 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+@pytest.mark.multiprocess
 def test_disk_full_at_ingest(tmp_path):
     """Deep Lake 4.7 does not report failed writes (the dataset commits and reads back zeros): ingest reads the
     data back before renaming it into place, and names the cause."""
@@ -560,6 +523,7 @@ def test_disk_full_at_ingest(tmp_path):
     assert _leftovers(tmp_path) == ["big.jsonl"]  # no dataset, temp dir, nor the parent folder it created
 
 
+@pytest.mark.multiprocess
 def test_disk_full_at_merge(tmp_path, adapter):
     out = tmp_path / "sub" / "merged"
     p = run_limited(["merge", "--adapter", adapter, "--out", out, "--no-check"], tmp_path, 1_000_000)

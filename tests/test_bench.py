@@ -243,6 +243,7 @@ def smoke_run(tmp_path_factory):
     return work / "results", proc
 
 
+@pytest.mark.multiprocess
 def test_smoke_files_appear(smoke_run):
     results, proc = smoke_run
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # 1: one cell failed, the rest ran
@@ -258,6 +259,7 @@ def test_smoke_files_appear(smoke_run):
     assert "baseline" in text and "framework" in text and "spec" in text and "Failed cells" in text
 
 
+@pytest.mark.multiprocess
 def test_smoke_profiles_the_first_measured_step_of_each_cell(smoke_run):
     """SFT_BENCH_PROFILE=DIR: one op table per cell that ran, of one training step, with the GEMMs in it."""
     results, _ = smoke_run
@@ -268,6 +270,7 @@ def test_smoke_profiles_the_first_measured_step_of_each_cell(smoke_run):
         assert "one training step" in text and ("aten::mm" in text or "aten::addmm" in text), text[:2000]
 
 
+@pytest.mark.multiprocess
 def test_smoke_failed_cell_is_reported_and_the_rest_go_on(smoke_run):
     results, proc = smoke_run
     records = [json.loads(line) for line in next(results.glob("*.jsonl")).read_text().splitlines()]
@@ -280,6 +283,7 @@ def _finite_positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.multiprocess
 def test_smoke_metrics_present_and_sensible(smoke_run):
     results, _ = smoke_run
     records = [json.loads(line) for line in next(results.glob("*.jsonl")).read_text().splitlines()]
@@ -335,7 +339,7 @@ def test_project_takes_the_measured_data_parallel_overhead(capsys):
 
 
 def test_costmodel_check_numbers_runs_and_counts_the_band(tmp_path):
-    from benchmarks.costmodel_check import load, main, markdown
+    from benchmarks.studies.costmodel_check import load, main, markdown
 
     def row(cap, predicted, measured):
         return {"cap": cap, "link_bandwidth_Bps": 12.5e6, "link_latency_s": 1e-4, "one_node_step_s": 0.04,

@@ -1,8 +1,9 @@
-"""DeepSpeed's own CPU collectives (oneCCL op, shared-memory op) on 2 local ranks, through benchmarks/allreduce_backends.py.
+"""DeepSpeed's own CPU collectives (oneCCL op, shared-memory op) on 2 local ranks, through the study
+benchmarks/studies/allreduce_backends.py.
 
 Skipped unless deepspeed is installed. The oneCCL test also needs a oneCCL prefix in $CCL_ROOT (lib/libccl.so +
 include/oneapi/ccl.hpp) and the deepspeed_ccl_comm op already JIT-built (the first build takes ~3 min on 2 cores:
-run `python benchmarks/allreduce_backends.py --backends ds-ccl --sizes-mb 1 --rounds 1` once); the shared-memory
+run `python -m benchmarks.studies.allreduce_backends --backends ds-ccl --sizes-mb 1 --rounds 1` once); the shared-memory
 test builds deepspeed_shm_comm on first use if no earlier DeepSpeed init did (then allowing up to 400 s).
 """
 
@@ -15,11 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.helpers import shm_segments
 
 pytest.importorskip("deepspeed")
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "allreduce_backends.py"
+SCRIPT = REPO / "benchmarks" / "studies" / "allreduce_backends.py"
 
 
 def _op_built(name: str) -> bool:
@@ -34,11 +36,6 @@ def _ccl_root() -> str | None:
     if root and (Path(root) / "lib" / "libccl.so").exists() and (Path(root) / "include" / "oneapi" / "ccl.hpp").exists():
         return root
     return None
-
-
-def shm_segments() -> set[str]:
-    """DeepSpeed's shared-memory all-reduce buffers now in /dev/shm (66 MB each, one per local rank)."""
-    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
 
 
 def _run(backend: str, tmp_path: Path, limit: int = 55) -> dict:

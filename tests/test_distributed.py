@@ -5,8 +5,6 @@ ACCELERATE_USE_CPU=true (`--cpu --num_processes N` starts ONE process: see facts
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,70 +13,11 @@ from pathlib import Path
 import pytest
 
 from sft.data.ingest import write_dataset
+from tests.helpers import TRAIN, finish, fixed_length_rows, free_port, launch, launch_env
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
-
-TRAIN = [
-    "-m", "sft.cli", "train", "model.name=arch:tiny-llama", "model.dtype=fp32", "demo.generate=false",
-    "data.eval_path=null", "data.shuffle=false", "demo.accuracy_samples=0", "training.eval_strategy=no",
-    "training.save_strategy=no", "training.progress=false", "training.logging_steps=1", "lora.dropout=0.0",
-    "lora.target_modules=[all-linear]", "training.learning_rate=1e-2", "training.warmup_steps=0",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env(**extra: str) -> dict:
-    e = dict(os.environ, ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    e.update(extra)
-    return e
-
-
-def launch(*args: str, cwd: Path, num_processes: int = 2, extra_env: dict | None = None, timeout: int = 600,
-           machines: tuple[int, int] | None = None, port: int | None = None) -> subprocess.Popen:
-    cmd = [*ACCELERATE, "--multi_gpu", "--num_processes", str(num_processes)]
-    if machines:
-        cmd += ["--num_machines", str(machines[0]), "--machine_rank", str(machines[1]),
-                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
-    else:
-        cmd += ["--num_machines", "1", "--main_process_port", str(port or free_port())]
-    return subprocess.Popen([*cmd, *args], cwd=cwd, env=env(**(extra_env or {})), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: int = 600) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    return out
-
-
-def fixed_length_rows(tokenizer, n: int, length: int, vary_prompt: bool = False) -> list[dict]:
-    """Rows whose formatted text is exactly `length` tokens, so that each packs into one block on its own
-    (with ``vary_prompt`` the question's length varies, so answer-only label counts differ between rows)."""
-    from sft.data.formatting import tokenize_example
-
-    words = ["red", "green", "blue", "amber", "violet", "cyan", "black", "white", "pink", "grey"]
-    rows, i = [], 0
-    while len(rows) < n:
-        q = f"Which colour goes with item {i}?"
-        if vary_prompt:
-            q = f"Which colour goes with {' and '.join(words[j % 10] + ' item' for j in range(i % 5 + 1))} {i}?"
-        for k in range(1, 30):
-            a = " ".join(words[(i + j) % len(words)] for j in range(k))
-            ids, _ = tokenize_example(tokenizer, q, a)
-            if len(ids) == length:
-                rows.append({"question": q, "answer": a, "source": "t"})
-                break
-            if len(ids) > length:
-                break
-        i += 1
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +52,7 @@ def two_ranks_and_one(work: Path, common: list[str], b: int, data2: str, data1: 
     assert p2.returncode == 0, text[-4000:]
     one = subprocess.run([sys.executable, *common, f"data.path={work / data1}",
                           f"training.per_device_train_batch_size={2 * b}", f"training.output_dir={work / out1}"],
-                         cwd=work, env=env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=600)
+                         cwd=work, env=launch_env(OMP_NUM_THREADS="2"), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-4000:]
     return text
 
@@ -170,10 +109,10 @@ def test_dead_rank_stops_the_survivor_with_a_message(datasets):
 def test_desync_stops_every_rank_with_phases(tmp_path):
     """One rank evaluates while its peer trains on: neither collective can complete. Every rank must exit
     non-zero within 2 minutes (the desync detector's default window is 60 s) naming each rank's phase and step."""
-    from tests.test_strategies import _rows
+    from tests.helpers import word_rows
 
-    write_dataset(str(tmp_path / "train"), _rows(120, 1), progress=False)
-    write_dataset(str(tmp_path / "eval"), _rows(21, 2), progress=False)
+    write_dataset(str(tmp_path / "train"), word_rows(120, 1), progress=False)
+    write_dataset(str(tmp_path / "eval"), word_rows(21, 2), progress=False)
     args = [*TRAIN, "data.seq_length=64", "training.max_steps=1000", f"data.path={tmp_path / 'train'}",
             f"data.eval_path={tmp_path / 'eval'}", "training.eval_strategy=steps", "training.eval_steps=500",
             "training.per_device_train_batch_size=2", f"training.output_dir={tmp_path / 'out'}"]

@@ -61,6 +61,7 @@ def test_eval_zero_and_one_behave_like_f_dropout():
     assert isinstance(m, torch.nn.Dropout)
 
 
+@pytest.mark.slow
 def test_sft_installs_it_on_every_lora_layer_and_training_learns(tmp_path):
     """prepare_model swaps PEFT's nn.Dropout for FastDropout (lora.fast_dropout, on by default) on every adapted
     layer and leaves them alone when it is off; a short run with LoRA dropout 0.1 still lowers the loss."""

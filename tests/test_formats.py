@@ -14,7 +14,7 @@ from sft.data.ingest import ingest
 from sft.data.packing import PackedDataset
 from sft.data.source import ShardedSource
 from sft.errors import ConfigError, DataError, IngestError
-from tests.test_formatting import load_smollm2, smollm2_cache_root
+from tests.helpers import load_smollm2, smollm2_cache_root
 
 
 def _jsonl(path, records) -> str:

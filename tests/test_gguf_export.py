@@ -82,6 +82,7 @@ def _round_trip(model_dir: Path, gguf: Path) -> dict:
             "special": (tok_got.bos_token, tok_got.eos_token) == (tok_ref.bos_token, tok_ref.eos_token)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type,extra", [
     ("llama", {"tie_word_embeddings": True}),
     ("mistral", {"tie_word_embeddings": False, "sliding_window": None}),
@@ -98,6 +99,7 @@ def test_tiny_model_round_trip_f32(tmp_path, model_type, extra):
     assert r["chat_template"] and r["special"], r
 
 
+@pytest.mark.slow
 def test_tiny_llama_q8_0_and_bf16(tmp_path):
     model_dir = _tiny_model_dir(tmp_path, "llama", tie_word_embeddings=False)
     sizes = {}
@@ -171,6 +173,7 @@ def test_bad_arguments_and_failures_leave_nothing(tmp_path):
     assert not list((tmp_path / "out").iterdir())
 
 
+@pytest.mark.multiprocess
 def test_cli_export(tmp_path):
     model_dir = _tiny_model_dir(tmp_path, "llama")
     env_py = [sys.executable, "-m", "sft.cli"]

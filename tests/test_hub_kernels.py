@@ -2,6 +2,7 @@
 ``model.train()`` (the Trainer calls it) must not kernelize the model and strip sft's instance-level forwards (the
 fused RMSNorm), and nothing is looked up on the Hub."""
 
+import pytest
 import torch
 
 from sft.config import LoraSection, ModelConfig, QuantizationConfig
@@ -13,6 +14,7 @@ def _norms(model):
     return [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
 
 
+@pytest.mark.slow
 def test_train_keeps_the_fused_norm_of_a_pretrained_model():
     """The embedded SmolLM2 comes through from_pretrained (its dense copy): after .train() and .eval() every norm
     still runs sft's fused forward, and a training forward runs the compiled kernel, not the eager ops."""

@@ -11,7 +11,6 @@ import os
 import deeplake
 import pytest
 
-from tests.test_bad_input import sft  # noqa: F401  (the in-process CLI fixture)
 from sft.data.ingest import ingest
 from sft.errors import IngestError
 

@@ -12,7 +12,6 @@ import json
 import re
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from launch.topology import (
     parse_lscpu,
     read_sysfs,
 )
+from tests.helpers import free_port, parse_probes
 
 REPO = Path(__file__).resolve().parents[1]
 TOPO = REPO / "tests" / "data" / "topologies"
@@ -482,6 +482,7 @@ def test_pin_dry_run(monkeypatch, capsys):
     assert rc == 0 and "local rank 1/2: cpus 1, OMP_NUM_THREADS=1" in out and "A=b" in out and sys.executable in out
 
 
+@pytest.mark.multiprocess
 def test_pin_execs_pinned(tmp_path):
     """A rank started through launch.pin runs on exactly its CPU with OMP_NUM_THREADS set."""
     cpu = max(os.sched_getaffinity(0))
@@ -600,7 +601,7 @@ def test_ds_ccl_init_gloo_first_then_deepspeed_ccl(monkeypatch):
     monkeypatch.setattr(dist, "get_rank", lambda *a: 1)
     monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
     monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
-    shm = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{_free_port()}_1")
+    shm = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{free_port()}_1")
     monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append(("barrier", shm.exists())))
     for v in sd.RANK_VARS + sd.WORLD_SIZE_VARS + sd.LOCAL_RANK_VARS + sd.LOCAL_SIZE_VARS:
         monkeypatch.delenv(v, raising=False)
@@ -687,6 +688,7 @@ def test_accelerate_config_loads_with_accelerates_loader(path, monkeypatch):
         assert cfg.fsdp_config["fsdp_version"] == 2 and cfg.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
 
 
+@pytest.mark.multiprocess
 def test_slurm_templates():
     """Static checks of launch/slurm (tests/test_slurm.py submits them to a real Slurm cluster)."""
     helper = (REPO / "launch" / "slurm" / "job.sh").read_text()
@@ -712,20 +714,6 @@ def test_slurm_templates():
 
 
 # ---- real launches on this machine ---------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _probes(text: str) -> list[dict]:
-    """Every `SFT_PROBE {json}` record in the output, even where two ranks' lines ran into each other."""
-    decoder, found = json.JSONDecoder(), []
-    for part in text.split("SFT_PROBE ")[1:]:
-        found.append(decoder.raw_decode(part)[0])
-    return found
-
-
 def _run_jobs(jobs: dict[str, list[list[str]]], timeout: float = 150) -> dict[str, tuple[list[int], str]]:
     """Start every job's processes at once, then collect (return codes, combined output) per job."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
@@ -765,10 +753,10 @@ def two_sockets(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def launches(two_sockets):
     """The two accelerate forms, run concurrently: 2 ranks on one node, and 2 nodes x 1 rank (--machine_rank)."""
-    port = str(_free_port())
+    port = str(free_port())
     return _run_jobs(
         {
-            "two_ranks": [[*LAUNCH, "--topology", str(two_sockets), "--master-port", str(_free_port()), *PROBE]],
+            "two_ranks": [[*LAUNCH, "--topology", str(two_sockets), "--master-port", str(free_port()), *PROBE]],
             "two_nodes": [
                 [*LAUNCH, "--topology", str(THIS), "--nodes", "2", "--machine-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", port, *PROBE]
                 for r in (0, 1)
@@ -782,18 +770,18 @@ def slow_launches(two_sockets, tmp_path_factory):
     """mpirun + hostfile form (when Open MPI is installed) and accelerate's --cpu --num_processes trap."""
     jobs = {
         # the accelerate 1.15 trap this package works around: --cpu --num_processes 2 starts ONE process
-        "trap": [[PY, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "launch.probe"]],
+        "trap": [[PY, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "launch.probe"]],
     }
     if shutil.which("mpirun"):
         hostfile = tmp_path_factory.mktemp("hosts") / "hosts"
         hostfile.write_text("localhost slots=2\n")
-        jobs["mpirun"] = [[*LAUNCH, "--topology", str(two_sockets), "--hostfile", str(hostfile), "--master-port", str(_free_port()), *PROBE]]
+        jobs["mpirun"] = [[*LAUNCH, "--topology", str(two_sockets), "--hostfile", str(hostfile), "--master-port", str(free_port()), *PROBE]]
     return _run_jobs(jobs)
 
 
 def _assert_world_of_two(rcs, out):
     assert rcs and all(rc == 0 for rc in rcs), out[-3000:]
-    probes = _probes(out)
+    probes = parse_probes(out)
     assert len(probes) == 2, out[-3000:]
     assert sorted(p["rank"] for p in probes) == [0, 1]
     for p in probes:
@@ -804,6 +792,7 @@ def _assert_world_of_two(rcs, out):
     return probes
 
 
+@pytest.mark.multiprocess
 def test_real_two_ranks_one_node(launches):
     probes = _assert_world_of_two(*launches["two_ranks"])
     affinities = sorted(p["cpu_affinity"] for p in probes)
@@ -811,6 +800,7 @@ def test_real_two_ranks_one_node(launches):
     assert all(p["omp_num_threads"] == "1" and p["threads_per_rank"] == 1 for p in probes)
 
 
+@pytest.mark.multiprocess
 def test_real_two_nodes_machine_rank_form(launches):
     _assert_world_of_two(*launches["two_nodes"])
 
@@ -826,5 +816,5 @@ def test_real_mpirun_hostfile_form(slow_launches):
 @pytest.mark.slow
 def test_accelerate_cpu_num_processes_trap_starts_one_process(slow_launches):
     rcs, out = slow_launches["trap"]
-    probes = _probes(out)
+    probes = parse_probes(out)
     assert rcs == [0] and len(probes) == 1 and probes[0]["world_size"] == 1, out[-2000:]

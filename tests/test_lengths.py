@@ -15,8 +15,7 @@ from sft.data.lengths import count_blocks
 from sft.data.packing import PackedDataset
 from sft.data.source import ShardedSource
 from sft.data.steps import rank_shares
-from tests.test_bad_input import sft  # noqa: F401  (the in-process CLI fixture)
-from tests.test_formatting import load_smollm2, smollm2_cache_root
+from tests.helpers import load_smollm2, smollm2_cache_root
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +78,14 @@ def test_counted_once_then_cached_keyed_by_version_and_settings(tok, tmp_path):
 
 
 def _train(sft, out, ds, *extra):
-    from tests.test_bad_input import train_args
+    from tests.helpers import train_args
 
     r = sft(*train_args(out, ds, "training.max_steps=-1", "training.num_epochs=1", "data.seq_length=128", *extra))
     assert r.rc == 0, r.err
     return json.loads((out / "summary.json").read_text())["summary"], r
 
 
+@pytest.mark.slow
 def test_second_run_starts_from_the_cache(sft, tmp_path, monkeypatch):
     """Training by epochs counts once; a second run on the same dataset version reads the count, takes the same
     number of steps, and runs no counting pass (it never tokenizes for counting)."""

@@ -126,6 +126,7 @@ def test_forward_is_an_instance_attribute_only():
     assert "forward" not in lin.state_dict()
 
 
+@pytest.mark.slow
 def test_prepare_model_installs_it_and_training_checkpointing_and_merge_work(tmp_path):
     """lora.fused (default on) routes every adapted projection; off, none. A run with it and every-layer
     checkpointing learns, and its merged model reproduces the adapter model's logits."""

@@ -6,31 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft.config import LoraSection, ModelConfig, QuantizationConfig
+from sft.config import ModelConfig, QuantizationConfig
 from sft.errors import MergeError
 from sft.merging import BASE_META, INDEX, find_base_meta, load_adapter_model, merge_adapter, write_base_meta
 from sft.merging.shards import _ShardWriter
-
-
-def make_adapter(out: Path, model_cfg: ModelConfig, quant_cfg: QuantizationConfig | None = None, seed: int = 0,
-                 targets=("all-linear",), b_scale: float = 0.05, meta: bool = True) -> Path:
-    """A LoRA adapter as training saves it, with random (non-zero) B so that it changes the model."""
-    from sft.models import load_model_and_tokenizer
-
-    quant_cfg = quant_cfg or QuantizationConfig()
-    model, tok, _ = load_model_and_tokenizer(
-        model_cfg, LoraSection(r=8, alpha=16, dropout=0.0, target_modules=list(targets)), quant_cfg, seed=seed
-    )
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * b_scale)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    if meta:
-        write_base_meta(out, model_cfg, quant_cfg, seed)
-    return out
+from tests.helpers import make_adapter
 
 
 def logits(model, ids) -> torch.Tensor:

@@ -60,6 +60,7 @@ def test_small_vocab_architecture_gets_a_tokenizer_that_fits():
     assert tok.decode(ids) == "héllo wörld"
 
 
+@pytest.mark.slow
 def test_embedded_demo_gguf_loads_and_answers():
     folder, name = embedded_gguf("smollm2-135m-instruct")
     assert name.endswith(".gguf")

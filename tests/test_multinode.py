@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from tests.netns import Hosts, skip_reason
-from tests.test_distributed import finish, free_port, launch
+from tests.helpers import finish, free_port, launch
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
+pytestmark = [pytest.mark.multiprocess, pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]
 
 ROWS = 64
 STEPS, SAVE = 24, 4
@@ -192,9 +192,9 @@ def test_mpirun_hostfile_across_namespaces_trains_like_one_node(hosts, work, uni
     probe = subprocess.run([*base, "--master-port", str(free_port()), "--", "python", "-m", "launch.probe"],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
     assert probe.returncode == 0, (probe.stdout + probe.stderr)[-3000:]
-    from tests.test_launch import _probes
+    from tests.helpers import parse_probes
 
-    found = sorted(_probes(probe.stdout), key=lambda p: p["rank"])
+    found = sorted(parse_probes(probe.stdout), key=lambda p: p["rank"])
     assert [p["rank"] for p in found] == [0, 1]
     assert found[0]["net_namespace"] != found[1]["net_namespace"]  # really two network stacks
     assert [p["gloo_socket_ifname"] for p in found] == [hosts.iface(0), hosts.iface(1)]

@@ -141,6 +141,7 @@ def blocked(tmp_path_factory):
     return Blocked()
 
 
+@pytest.mark.multiprocess
 def test_the_blocker_refuses_the_network_and_keeps_loopback(blocked):
     """The check of the check: an empty log below means something only if the blocker sees and refuses."""
     p = blocked.python(textwrap.dedent('''
@@ -188,11 +189,13 @@ def pipeline(blocked):
     return results
 
 
+@pytest.mark.multiprocess
 def test_no_network_without_a_remote_source(pipeline):
     for name, _, attempts, _ in pipeline:
         assert attempts == [], f"sft {name} tried the network: {attempts}"
 
 
+@pytest.mark.multiprocess
 def test_offline_mode_and_telemetry_switches(pipeline):
     for name, _, _, envs in pipeline:
         (rec,) = [e for e in envs if e["argv"][0].endswith("cli.py")]  # the CLI process (not helpers it spawns)
@@ -207,6 +210,7 @@ def test_offline_mode_and_telemetry_switches(pipeline):
         assert rec.get("deeplake_telemetry_endpoint", "") == "", rec
 
 
+@pytest.mark.multiprocess
 def test_offline_runs_print_no_kernel_hub_notes(pipeline):
     """bitsandbytes 0.50 asks the Hub for a CPU NF4 kernel when imported on a CPU with AVX512-BF16; offline that
     printed two WARNING lines in every run (only such CPUs make the request, so elsewhere this checks nothing)."""
@@ -214,6 +218,7 @@ def test_offline_runs_print_no_kernel_hub_notes(pipeline):
         assert "kernels-community" not in p.stdout + p.stderr, (name, p.stderr[-3000:])
 
 
+@pytest.mark.multiprocess
 def test_a_hub_model_is_the_only_thing_that_reaches_out(blocked, pipeline):
     """A config naming a hub id is allowed its hub look-up (offline mode stays off), and nothing else; without a
     network that is one failed DNS query and an error naming the local alternatives."""

@@ -129,6 +129,7 @@ def test_overwrite_clears_the_earlier_runs_checkpoints(tmp_path):
 # ------------------------------------------------------------------------- 4. input errors leave nothing
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("config", [[], ["--config", "demo"]])
 def test_mistyped_data_path_writes_nothing(tmp_path, config):
     p = sft("train", *config, "data.path=data/nope", cwd=tmp_path)
@@ -209,6 +210,7 @@ def test_shipped_deepspeed_config_resolves_from_any_directory(tmp_path, monkeypa
     assert sharded_launch() == "DeepSpeed ZeRO-3"  # read from the file, which the old relative path never found
 
 
+@pytest.mark.multiprocess
 def test_missing_deepspeed_config_stops_in_one_line_before_any_work(tmp_path, user_data):
     p = sft("train", *TINY, f"data.path={user_data / 'train'}", cwd=tmp_path, ACCELERATE_USE_DEEPSPEED="true",
             ACCELERATE_DEEPSPEED_CONFIG_FILE="configs/deepspeed/nope.json", timeout=120)
@@ -251,6 +253,7 @@ def test_lima_jsonl_ingests_every_turn_and_its_source(tmp_path, record_format):
     assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
 
 
+@pytest.mark.multiprocess
 def test_a_map_that_does_not_fit_the_records_is_one_error(tmp_path):
     p = sft("ingest", _lima_file(tmp_path), "--out", tmp_path / "ds", "--map", "question=instruction",
             "answer=output", cwd=tmp_path, timeout=120)
@@ -273,6 +276,7 @@ def test_lima_without_an_answer_is_a_bad_row_naming_it(tmp_path):
 # --------------------------------------------------------------------------------------- 7. messages
 
 
+@pytest.mark.multiprocess
 def test_interrupt_names_the_last_checkpoint_and_the_resume_command(tmp_path, user_data):
     args = ["train", *TINY, f"data.path={user_data / 'train'}", "training.max_steps=500",
             "training.save_strategy=steps", "training.save_steps=2", "training.merge=false"]

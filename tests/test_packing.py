@@ -11,14 +11,9 @@ from sft.data.formatting import IGNORE_INDEX, Formatter, prompt_ids, tokenize_ex
 from sft.data.lengths import count_blocks
 from sft.data.packing import Packer, PackedDataset, PackingStats, pack_examples
 from sft.errors import ConfigError, DataError
-from tests.test_formatting import load_smollm2, make_word_tokenizer, smollm2_cache_root
+from tests.helpers import make_word_tokenizer
 
 EOS = 0  # synthetic streams use ids >= 1 for content
-
-
-@pytest.fixture(scope="session")
-def smollm2(request):
-    return load_smollm2(smollm2_cache_root(request))
 
 
 def synthetic(n_docs, lo=1, hi=30, seed=0, answer_only=False):

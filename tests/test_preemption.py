@@ -8,7 +8,7 @@ exact; tests/test_slurm.py sends the real ones through Slurm.
 
 import pytest
 
-from tests.test_resume import COMMON, adapter, assert_bit_exact, assert_pickle_free, complete_steps, ok, sft, sft2, summary
+from tests.helpers import COMMON, assert_bit_exact, assert_pickle_free, complete_steps, ok, sft, sft2, summary
 
 pytestmark = pytest.mark.slow
 

@@ -78,6 +78,7 @@ def test_arch_nf4_quantizes_the_same_weights_the_bf16_path_trains():
             assert torch.equal(p.data.to(torch.bfloat16), reference[name]), name
 
 
+@pytest.mark.slow
 def test_qlora_prepares_and_trains_on_cpu():
     model, tok, _ = load_model_and_tokenizer(
         ModelConfig(name="arch:tiny-llama"), LoraSection(r=8, alpha=16, dropout=0.0, target_modules=["all-linear"]), NF4
@@ -104,7 +105,7 @@ def test_qlora_prepares_and_trains_on_cpu():
 
 @pytest.fixture(scope="module")
 def nf4_adapter(tmp_path_factory) -> Path:
-    from tests.test_merging import make_adapter
+    from tests.helpers import make_adapter
 
     return make_adapter(tmp_path_factory.mktemp("nf4") / "adapter", ModelConfig(name="arch:tiny-llama"), NF4)
 

@@ -23,7 +23,7 @@ from sft import recipe as stages
 from sft.config import RunConfig
 from sft.data.arrow import write_arrow_dataset
 from sft.errors import SftError
-from tests.test_distributed import free_port
+from tests.helpers import free_port
 
 pytest.importorskip("bitsandbytes")
 
@@ -86,6 +86,7 @@ def test_quant_storage_mismatch_is_found_with_the_data_before_anything_loads(mon
         stages.open_checked(cfg, 0, 1)
 
 
+@pytest.mark.multiprocess
 def test_quant_storage_mismatch_stops_sft_train_before_the_model_is_built(data, tmp_path):
     """Under a ZeRO-3 launch's environment: exit 2 with the fix named, and no model built or cached."""
     env = _env(tmp_path, **SHARDED_ENVS["zero3"])
@@ -111,6 +112,7 @@ def _check_stopped(proc, out: Path, strategy: str, what: str) -> str:
     return text
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("kind, what", [("nan", "loss nan"), ("zero", "loss 0")])
 def test_first_step_check_single_process(data, tmp_path, kind, what):
     out = tmp_path / "out"
@@ -121,6 +123,7 @@ def test_first_step_check_single_process(data, tmp_path, kind, what):
     assert proc.returncode == 2
 
 
+@pytest.mark.multiprocess
 def test_first_step_check_passes_a_healthy_step(data, tmp_path):
     """The check itself does not stop a normal run, nor a bad step after the first (only the first is checked)."""
     out = tmp_path / "out"
@@ -165,7 +168,7 @@ def test_first_step_check_stops_both_zero2_qlora_ranks(data, tmp_path):
     """DeepSpeed ZeRO-2 + QLoRA on 2 CPU ranks (DeepSpeed's CPU accelerator), rank 1's first loss zero: both stop,
     and DeepSpeed's shared-memory all-reduce buffers are not left behind."""
     pytest.importorskip("deepspeed")
-    from tests.test_cpu_deepspeed import shm_segments
+    from tests.helpers import shm_segments
 
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",

@@ -6,14 +6,9 @@ resumed run repeats at most the steps since the last checkpoint and ends with th
 uninterrupted run with the same config (one reference run per module, shared by the trials).
 """
 
-import json
 import math
-import os
 import pickle
 import random
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +19,21 @@ from sft.trainer import checkpoint_format as ck
 from sft.io import atomic_write_json
 from sft.trainer import resume
 from sft.errors import SftError
+from tests.helpers import (
+    COMMON,
+    MAX_STEPS,
+    ONE_RANK,
+    SAVE_STEPS,
+    adapter,
+    assert_bit_exact,
+    assert_pickle_free,
+    complete_steps,
+    killed,
+    ok,
+    sft,
+    sft2,
+    summary,
+)
 
 # --------------------------------------------------------------------------------------------- unit tests
 
@@ -192,102 +202,6 @@ def test_check_meta_and_check_resumable_name_the_problem(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- real runs
-
-MAX_STEPS, SAVE_STEPS, LIMIT = 12, 2, 2
-COMMON = [
-    "model.name=arch:tiny-llama", "model.dtype=fp32", "demo.generate=false", "data.eval_path=null", "data.seq_length=64",
-    f"training.max_steps={MAX_STEPS}", "training.per_device_train_batch_size=2", "training.save_strategy=steps",
-    f"training.save_steps={SAVE_STEPS}", f"training.save_total_limit={LIMIT}", "training.merge=false",
-    "demo.accuracy_samples=0", "training.progress=false", "training.eval_strategy=no", "training.logging_steps=1",
-    "lora.dropout=0.0", "training.learning_rate=5e-3", "training.warmup_steps=2", "training.lr_scheduler=cosine",
-]
-# 1 rank: 2 x 2 blocks per step (grad accumulation is part of the cursor arithmetic); 2 ranks: 2 blocks per rank
-ONE_RANK = ["training.gradient_accumulation_steps=2"]
-
-# Every module-level run: nothing may unpickle. The resumed runs go through this prelude, which makes any use of
-# torch.load / pickle.load(s) fail the run.
-NO_PICKLE = (
-    "import pickle, sys, torch\n"
-    "def _forbidden(*a, **k):\n"
-    "    raise RuntimeError('a checkpoint was unpickled')\n"
-    "torch.load = pickle.load = pickle.loads = _forbidden\n"
-    "from sft.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
-
-
-def _env(**extra: str) -> dict:
-    e = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-             PYTHONUNBUFFERED="1", ACCELERATE_USE_CPU="true")
-    for k in ("SFT_FAULT_KILL", "SFT_FAULT_KILL_SAVE", "SFT_FAULT_KILL_MERGE"):
-        e.pop(k, None)
-    e.update(extra)
-    return e
-
-
-def sft(*args: str, cwd: Path, fault: dict | None = None, no_pickle: bool = False) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", NO_PICKLE] if no_pickle else [sys.executable, "-m", "sft.cli"]
-    return subprocess.run([*cmd, *args], cwd=cwd, env=_env(**(fault or {})), capture_output=True, text=True,
-                          timeout=600)
-
-
-def sft2(*args: str, cwd: Path, fault: dict | None = None) -> subprocess.CompletedProcess:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", str(port), "-m", "sft.cli"]
-    return subprocess.run([*cmd, *args], cwd=cwd, env=_env(**(fault or {})), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=600)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:] if proc.stderr else ''}"
-    return proc
-
-
-def killed(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == -9, f"expected SIGKILL, got {proc.returncode}\n{proc.stderr[-3000:]}"
-
-
-def summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())["summary"]
-
-
-def adapter(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "adapter_model.safetensors"))
-
-
-def assert_bit_exact(a: Path, b: Path) -> float:
-    ta, tb = adapter(a), adapter(b)
-    assert ta.keys() == tb.keys()
-    diff = max((ta[k] - tb[k]).abs().max().item() for k in ta)
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), f"{k}: max |diff| {diff:.3g}"
-    return diff
-
-
-def complete_steps(out: Path) -> list[int]:
-    return [s for s, _, ok_ in ck.list_checkpoints(out / "checkpoints") if ok_]
-
-
-def assert_pickle_free(ckpt: Path, world: int) -> None:
-    from safetensors import safe_open
-
-    names = {p.name for p in ckpt.iterdir()}
-    assert {"COMPLETE", "adapter_model.safetensors", "adapter_config.json", "sft_base.json", "sft_resume.json",
-            "optimizer.safetensors", "optimizer.json", "scheduler.json", "trainer_state.json"} <= names, names
-    for r in range(world):
-        assert {f"rng_state_rank{r}.json", f"rng_state_rank{r}.safetensors", f"data_cursor_rank{r}.json"} <= names
-    for p in ckpt.iterdir():
-        assert p.suffix in (".json", ".safetensors", ".md") or p.name == "COMPLETE", f"unexpected file {p.name}"
-        if p.suffix == ".json" or p.name == "COMPLETE":
-            json.loads(p.read_text())
-        elif p.suffix == ".safetensors":
-            with safe_open(str(p), framework="pt") as f:
-                list(f.keys())
 
 
 @pytest.fixture(scope="module")

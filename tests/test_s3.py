@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_bad_input import run_cli
+from tests.helpers import run_cli
 from sft.data.ingest import write_dataset
 from sft.data.source import ShardedSource
 
@@ -110,6 +110,7 @@ ROWS = [{"question": f"What colour is item {i}?", "answer": f"Item {i} is {['red
 # ---------------------------------------------------------------------------------------------- ingest, open, fail
 
 
+@pytest.mark.multiprocess
 def test_ingest_to_s3_then_stream_it_back(s3, tmp_path, capsys):
     src = tmp_path / "train.jsonl"
     src.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in ROWS))
@@ -129,6 +130,7 @@ def test_ingest_to_s3_then_stream_it_back(s3, tmp_path, capsys):
     assert_no_secret(s3, out, err)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", ["wrong secret", "missing bucket", "missing dataset", "wrong ingest key"])
 def test_wrong_key_or_missing_bucket_fails_fast_before_the_model_loads(s3, tmp_path, capsys, monkeypatch, case):
     import sft.models
@@ -162,6 +164,7 @@ def test_wrong_key_or_missing_bucket_fails_fast_before_the_model_loads(s3, tmp_p
     assert wrong["aws_secret_access_key"] not in err
 
 
+@pytest.mark.multiprocess
 def test_creds_from_yaml_mapping_and_env_and_redaction(s3, tmp_path, monkeypatch):
     from sft.config import load_config
     from sft.data.creds import resolve
@@ -204,7 +207,7 @@ def _env(**extra) -> dict:
 def test_two_ranks_stream_disjoint_shards_from_s3_and_match_one_rank(s3, tmp_path):
     """2 ranks (creds from data.creds) and 1 rank (creds from AWS_* variables) on the same global batches give the
     same losses only if each rank streamed exactly its own half; no secret in any output."""
-    from tests.test_distributed import TRAIN, fixed_length_rows, launch
+    from tests.helpers import TRAIN, fixed_length_rows, launch
 
     from sft.config import ModelConfig
     from sft.models import load_tokenizer
@@ -250,7 +253,7 @@ RESUME = ["model.name=arch:tiny-llama", "model.dtype=fp32", "demo.generate=false
 
 @pytest.mark.slow
 def test_resume_from_a_checkpoint_continues_the_s3_stream_bit_exact(s3, tmp_path):
-    from tests.test_resume import assert_bit_exact, complete_steps
+    from tests.helpers import assert_bit_exact, complete_steps
 
     write_dataset(url("resume"), ROWS, progress=False, creds=s3.creds, overwrite=True)
     args = [sys.executable, "-m", "sft.cli", "train", *RESUME, f"data.path={url('resume')}",

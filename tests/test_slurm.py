@@ -125,7 +125,7 @@ def two_nodes(cluster, work):
 
 
 def test_cpu_template_trains_two_nodes_over_the_route_to_the_master_like_one_node(cluster, work, two_nodes):
-    from tests.test_distributed import finish, launch
+    from tests.helpers import finish, launch
 
     out, text = two_nodes
     if socket.gethostbyname(socket.gethostname()).startswith("127."):

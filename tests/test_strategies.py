@@ -27,8 +27,7 @@ from pathlib import Path
 import pytest
 
 from sft.data.ingest import write_dataset
-from tests.test_cpu_deepspeed import shm_segments
-from tests.test_distributed import free_port
+from tests.helpers import free_port, shm_segments, word_rows
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
@@ -44,23 +43,13 @@ CELLS = {  # name: (accelerate config, strategy the summary must report)
 STEPS, SAVE_EVERY, KILL_AT = 4, 2, 3
 
 
-def _rows(n: int, seed: int) -> list[dict]:
-    import random
-
-    r = random.Random(seed)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi".split()
-    return [{"question": " ".join(r.choice(words) for _ in range(r.randint(2, 20))),
-             "answer": " ".join(r.choice(words) for _ in range(r.randint(1, 40))), "source": f"s{i % 3}"}
-            for i in range(n)]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from sft.data.source import ShardedSource
 
     work = tmp_path_factory.mktemp("strategies")
-    write_dataset(str(work / "train"), _rows(240, 1), progress=False)
-    write_dataset(str(work / "eval"), _rows(37, 2), progress=False)
+    write_dataset(str(work / "train"), word_rows(240, 1), progress=False)
+    write_dataset(str(work / "eval"), word_rows(37, 2), progress=False)
     shards = [list(ShardedSource(str(work / "eval"), rank=r, world_size=2, shuffle=False).iter_rows(0)) for r in (0, 1)]
     chars = [sum(len(x["question"]) + len(x["answer"]) for x in s) for s in shards]
     assert len(shards[0]) != len(shards[1]) and chars[0] != chars[1]  # the eval shards differ in rows and tokens

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sft.data.ingest import write_dataset
-from tests.test_bad_input import sft, train_args  # noqa: F401  (the in-process CLI fixture)
+from tests.helpers import train_args
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-opt"])
@@ -21,7 +21,7 @@ def test_eval_loss_equals_a_direct_computation_on_the_same_rows(sft, tmp_path, a
     from sft.config import ModelConfig
     from sft.data.formatting import tokenize_example
     from sft.models import build_random, load_tokenizer
-    from tests.test_distributed import fixed_length_rows
+    from tests.helpers import fixed_length_rows
 
     seq = 64
     tok = load_tokenizer(ModelConfig(name=f"arch:{arch}"))

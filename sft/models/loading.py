@@ -36,7 +36,7 @@ def resolve_attention(name: str, model_type: str | None = None) -> str:
     Measured on CPU (fwd + bwd of one layer's attention, 8 x 512 tokens of 40-260-token documents, bf16, 2-core
     EPYC with AVX512-BF16): SmolLM2-135M's shapes (9 query / 3 kv heads) 164 ms
     with the block-diagonal mask, 100 ms per document (fp32 kernel, see :func:`sft.ops.attention.upcast_on_cpu`);
-    OPT-125m's 178 ms (bf16 per document) -> 115 ms; ``python -m benchmarks.attention``. (An earlier fp32
+    OPT-125m's 178 ms (bf16 per document) -> 115 ms; ``python -m benchmarks.studies.attention``. (An earlier fp32
     measurement had kept sdpa for Llama: the attention halved but peak RSS rose, from the per-document slices'
     backward, which now splits instead.)"""
     if name == "auto":

@@ -45,7 +45,7 @@ def layer_activation_bytes(config, tokens: int, dtype: str, quant_mode: str = "n
 #: vs 1.32 GiB, 3.43 x (bf16 logits, their fp32 upcast, log-softmax, gradients). Used rounded down, so that the
 #: budget never exceeds what the plain path really held. bf16 keeps the older 2.0: there the seed recipe's own
 #: RSS binds first (SmolLM2 with the fused RMSNorm has 1.70 GiB of headroom under the seed, 25 layers at most,
-#: and 2.75 would keep 28; see tests/test_speed.py).
+#: and 2.75 would keep 28; see tests/test_checkpointing_plan.py).
 PLAIN_LOSS_LOGITS = {"fp32": 2.75}
 PLAIN_LOSS_LOGITS_DEFAULT = 2.0
 

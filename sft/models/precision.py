@@ -32,7 +32,7 @@ def apply_dtype_policy(model: torch.nn.Module, policy: str) -> None:
 
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16: where bf16 matmuls beat fp32 on CPU. Without them (e.g. AVX2-only cores) oneDNN
-    emulates bf16 and autocast is 3-4x SLOWER than fp32 (measured on a 2-core EPYC: see benchmarks/demo_tuning.py)."""
+    emulates bf16 and autocast is 3-4x SLOWER than fp32 (measured on a 2-core EPYC: see benchmarks/studies/demo_tuning.py)."""
     return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 

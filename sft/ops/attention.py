@@ -89,7 +89,7 @@ class _CausalFlashMathBackward(torch.autograd.Function):
     Why hand-written: PyTorch's CPU flash backward ran ~1.5 ms per 150-token document (9 heads x 64; ~45 GFLOP/s,
     a few percent of the AMX peak) and took 1.35 s of a 6 s SmolLM2 step. Measured per-document attention fwd + bwd
     of one 8 x 512 layer of 40-260-token documents, bf16, 2-core AMX Xeon, torch 2.13 (`python -m
-    benchmarks.attention`): SmolLM2 shapes 66.7 -> 40.8 ms, OPT shapes 86.6 -> 47.8 ms. Gradient error against
+    benchmarks.studies.attention`): SmolLM2 shapes 66.7 -> 40.8 ms, OPT shapes 86.6 -> 47.8 ms. Gradient error against
     fp64 on 30 such documents: 2.5-2.9e-3 vs the kernel's 2.9-4.0e-3 (bf16 rounding). For fp32 inputs it gained
     nothing (34 vs 36 ms for those 30 documents), so only bf16 comes here."""
 

@@ -10,7 +10,7 @@ An element is dropped when its lane is below ``k - 32768`` with ``k = round(p * 
 ``p`` rounded to 1/65536 (0.05 becomes 0.0500031); kept elements are scaled by ``1 / (1 - k / 65536)``, which keeps
 the expectation exact for that probability. The mask is kept as bool (1 byte per element instead of the input's 2 or
 4) for the backward. Measured, fwd + bwd of one (8, 512, 576) input on the same machine: ``F.dropout`` 16.1 ms
-(fp32) / 15.2 ms (bf16), this 9.1 / 8.9 ms (``python benchmarks/dropout.py``).
+(fp32) / 15.2 ms (bf16), this 9.1 / 8.9 ms (``python -m benchmarks.studies.dropout``).
 
 The draws come from torch's default CPU generator, so ``torch.manual_seed`` and the RNG state a checkpoint saves
 reproduce the masks exactly (resume stays exact); they are different masks from ``bernoulli_``'s for the same seed.

@@ -9,7 +9,7 @@ the task and the hyper-parameters can do on their own:
    restarting at every sample so packed samples do not attend to each other);
 3. measure held-out accuracy again (optionally also after ``merge_and_unload``).
 
-Usage (2 CPU cores): ``.venv/bin/python benchmarks/demo_tuning.py --seed 0`` (defaults = the recommended demo settings). Results of the runs that
+Usage (2 CPU cores): ``.venv/bin/python -m benchmarks.studies.demo_tuning --seed 0`` (defaults = the recommended demo settings). Results of the runs that
 chose the defaults are in ``RESULTS`` at the end of this file.
 """
 
@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from sft.demo.task import evaluate_accuracy, generate_examples  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

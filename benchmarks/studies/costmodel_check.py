@@ -1,7 +1,7 @@
 """The cost model checked against measured 2-node steps: a Markdown table and a plot from the test's report.
 
     SFT_COSTMODEL_REPORT=c.jsonl pytest -s tests/test_multinode.py -k cost_model   # one run appends two rows
-    python -m benchmarks.costmodel_check c.jsonl --out benchmarks/results/costmodel-check [--caption "machine"]
+    python -m benchmarks.studies.costmodel_check c.jsonl --out benchmarks/results/costmodel-check [--caption "machine"]
 
 Each row of the JSONL is one capped link of one run (tests/test_multinode.py writes them): the measured link, the
 compute and overhead terms, and the predicted and measured 2-node step. A run is two consecutive rows (one per
@@ -48,9 +48,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path, caption: str = "") -> Path:
-    from benchmarks.report import _atomic_savefig, _plt
+    from benchmarks.report import atomic_savefig, pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5))
     top = 1.15 * max(max(r["measured_s"], r["predicted_s"]) for r in rows) * 1e3
     xs = [0, top]
@@ -75,13 +75,14 @@ def plot(rows: list[dict], path: Path, caption: str = "") -> Path:
     ax.grid(alpha=0.3)
     if caption:
         fig.text(0.01, -0.02, caption, fontsize=7, color="#555555")
-    _atomic_savefig(fig, path)
+    atomic_savefig(fig, path)
     plt.close(fig)
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.costmodel_check", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.studies.costmodel_check",
+                                 description=__doc__.split("\n\n")[0])
     ap.add_argument("jsonl", type=Path, help="the test's report (SFT_COSTMODEL_REPORT)")
     ap.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.png")
     ap.add_argument("--caption", default="", help="the machine, printed under the plot")

@@ -1,6 +1,6 @@
 """The cost model's projection for the configurations users ask about, as a markdown table and a plot.
 
-    python -m benchmarks.projection [--out benchmarks/results/projection]
+    python -m benchmarks.studies.projection [--out benchmarks/results/projection]
 
 For opt-1.3b and llama-7b shapes, LoRA r16 on q/v, LoRA r16 on every linear layer, and QLoRA r16 on every linear
 layer, it projects weak-scaling efficiency (per-node batch fixed) at 2 ... 64 nodes on 10, 25 and 100 Gbit/s links
@@ -85,7 +85,7 @@ def plot(table: list[dict], path: Path) -> Path:
     axes[0].set_ylabel("weak-scaling efficiency (1 = linear)")
     axes[1].legend(fontsize=8)
     fig.suptitle("Cost-model projection (gradient bytes derived; compute step and latency assumed)")
-    fig.text(0.01, 0.01, "python -m benchmarks.projection; model checked on 2 namespace nodes over tbf-capped "
+    fig.text(0.01, 0.01, "python -m benchmarks.studies.projection; model checked on 2 namespace nodes over tbf-capped "
              "veth links (tests/test_multinode.py)", fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def plot(table: list[dict], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.projection", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.studies.projection", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/projection", help="writes OUT.md, OUT.json, OUT.png")
     args = ap.parse_args(argv)
     table = rows()

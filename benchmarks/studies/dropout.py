@@ -1,6 +1,6 @@
 """LoRA-input dropout on CPU: ``F.dropout`` against sft's mask (sft/ops/dropout.py), fwd + bwd, median of N.
 
-    python benchmarks/dropout.py [--shape 8 512 576] [--repeat 15]
+    python -m benchmarks.studies.dropout [--shape 8 512 576] [--repeat 15]
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Attention for packed blocks, forward + backward of one layer, side by side (``python -m benchmarks.attention``).
+"""Attention for packed blocks, forward + backward of one layer, side by side.
+
+    python -m benchmarks.studies.attention [--shape opt-125m smollm2-135m] [--dtype bf16|fp32] [--repeats 5]
 
 Candidates, on one batch of packed blocks (documents of 40-260 tokens, as the bench's synthetic data):
 
@@ -42,7 +44,8 @@ def packed_positions(batch: int, length: int, seed: int = 0, shortest: int = 40,
 
 
 def candidates(shape: str, batch: int, length: int, dtype: torch.dtype):
-    from sft.ops.attention import MATH_BACKWARD_ATTR, UPCAST_ENV, varlen_sdpa_forward
+    from sft.ops.attention import UPCAST_ENV, varlen_sdpa_forward
+    from sft.patches.transformers import use_math_backward
 
     heads, kv_heads, dim = SHAPES[shape]
     pos = packed_positions(batch, length)
@@ -50,7 +53,7 @@ def candidates(shape: str, batch: int, length: int, dtype: torch.dtype):
     mask = ((doc[:, :, None] == doc[:, None, :]) & torch.ones(length, length, dtype=torch.bool).tril())[:, None]
     module = _Attention().train()
     math_module = _Attention().train()
-    setattr(math_module, MATH_BACKWARD_ATTR, True)
+    assert use_math_backward(math_module) == 1  # what model.fast_attention_backward installs
 
     def qkv():
         def one(h):

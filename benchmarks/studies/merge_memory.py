@@ -1,7 +1,7 @@
 """Peak memory of `sft.merging.merge_adapter`, as a ratio to the base model's size on disk.
 
-    .venv/bin/python benchmarks/merge_memory.py --arch llama-1b --shard-size 500MB
-    .venv/bin/python benchmarks/merge_memory.py --arch llama-7b --shard-size 2GB --cases bf16 nf4
+    .venv/bin/python -m benchmarks.studies.merge_memory --arch llama-1b --shard-size 500MB
+    .venv/bin/python -m benchmarks.studies.merge_memory --arch llama-7b --shard-size 2GB --cases bf16 nf4
 
 What it does: saves a random-init model of a published architecture (bf16) as a local model directory in several
 safetensors shards (once, under --work; over 3B parameters it is written tensor by tensor with random values, so
@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 BUILD = """
 import sys, torch

@@ -1,7 +1,7 @@
 """All-reduce latency / bandwidth of the CPU collectives available to sft, side by side, on one node.
 
-    .venv/bin/python benchmarks/allreduce_backends.py               # all backends, 2 ranks, writes the Markdown table
-    .venv/bin/python benchmarks/allreduce_backends.py --backends gloo ds-shm --sizes-mb 1 4 --rounds 1
+    python -m benchmarks.studies.allreduce_backends            # all backends, 2 ranks, writes the Markdown table
+    python -m benchmarks.studies.allreduce_backends --backends gloo ds-shm --sizes-mb 1 4 --rounds 1
 
 (``benchmarks/allreduce.py`` is the cost model's gloo-only fit; this script compares backends.)
 
@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BACKENDS = ("gloo", "ds-shm", "ds-ccl")
 DTYPES = ("fp32", "bf16")
 DEFAULT_SIZES_MB = (1, 4, 16, 64, 200)
@@ -364,7 +364,8 @@ def _meta(argv) -> dict:
     except OSError:
         load = ""
     return {
-        "command": "python benchmarks/allreduce_backends.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.studies.allreduce_backends "
+                   + " ".join(sys.argv[1:] if argv is None else argv),
         "host": socket.gethostname(), "cpus": os.cpu_count(), "cpu_model": f"{model}, ISA: {isa}{load}",
         "torch": torch.__version__, "deepspeed": dsv, "date": time.strftime("%Y-%m-%d %H:%M"),
     }  # fmt: skip

@@ -1,6 +1,6 @@
 """Streaming rate of training data: Deep Lake on S3 (a moto server on loopback) against a local path.
 
-    python benchmarks/stream_rate.py [--rows 20000] [--seq-length 512]
+    python -m benchmarks.studies.stream_rate [--rows 20000] [--seq-length 512]
 
 For each store and two row shapes (the demo task's short rows, ~20 tokens, and long rows, ~300 tokens), a fresh
 process opens the dataset and measures, on the first pass (nothing cached):
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             for store, path, c in stores:
                 write_dataset(path, _rows(kind, n), progress=False, creds=c or None)
                 env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-                           PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+                           PYTHONPATH=str(Path(__file__).resolve().parents[2]))
                 out = subprocess.run([sys.executable, "-c", MEASURE, path, json.dumps(c), str(args.seq_length)],
                                      env=env, capture_output=True, text=True, timeout=1800)
                 if out.returncode:

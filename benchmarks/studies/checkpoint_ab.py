@@ -4,7 +4,7 @@ that a shared machine's drift hits every mode alike. sft's model path (``load_mo
 base dropout 0), bf16-mixed autocast, LoRA r16 on q/v, 8 x 512 packed tokens of 64-192-token
 documents, AdamW.
 
-    python -m benchmarks.checkpoint_ab MODEL K ROUNDS     # e.g. embedded:smollm2-135m-instruct 16 2
+    python -m benchmarks.studies.checkpoint_ab MODEL K ROUNDS     # e.g. embedded:smollm2-135m-instruct 16 2
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from benchmarks.attention import packed_positions
+from benchmarks.studies.attention import packed_positions
 
 
 def main(argv=None) -> None:
@@ -26,7 +26,7 @@ def main(argv=None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 3:
-        raise SystemExit("usage: python -m benchmarks.checkpoint_ab MODEL K ROUNDS")
+        raise SystemExit("usage: python -m benchmarks.studies.checkpoint_ab MODEL K ROUNDS")
     name, keep_k, rounds = argv[0], int(argv[1]), int(argv[2])
     torch.set_num_threads(2)
     mc = ModelConfig(name=name, dtype="bf16-mixed", gradient_checkpointing=True)
