@@ -126,6 +126,7 @@ GLIBC_PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.multiprocess
 def test_glibc_gives_freed_tensors_back_once_sft_fixes_its_mmap_threshold(tmp_path):
     """On glibc malloc, 256 MiB of freed 4 MiB tensors stay resident under glibc's dynamic mmap threshold (the
     +1.0 GiB of peak RSS that put SmolLM2 at 1.13x the seed recipe); with the threshold sft fixes, they are

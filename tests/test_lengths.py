@@ -66,10 +66,10 @@ def test_counted_once_then_cached_keyed_by_version_and_settings(tok, tmp_path):
     assert not dataset_lengths(src, tok, "chat", False, cache).cached  # another formatting: another entry
     assert not dataset_lengths(src, tok, "default", True, cache).cached
     # re-ingested with other rows (same path, same row count): a new version, never the stale entry
-    old_key = cache_key(dataset_identity(path, src._dataset()), tok, "default", False)
+    old_key = cache_key(dataset_identity(path, src.dataset()), tok, "default", False)
     write_dataset(path, _rows(40, seed=1), progress=False, overwrite=True)
     src2 = ShardedSource(path)
-    assert cache_key(dataset_identity(path, src2._dataset()), tok, "default", False) != old_key
+    assert cache_key(dataset_identity(path, src2.dataset()), tok, "default", False) != old_key
     fresh = dataset_lengths(src2, tok, "default", False, cache)
     assert not fresh.cached
     fmt = Formatter(tok, "default", False)

@@ -114,7 +114,7 @@ def test_sources_disjoint_and_covering(ds_path, tiny_path, world, shuffle):
 def test_unshuffled_is_dataset_order_and_reads_in_batches(ds_path):
     src = ShardedSource(ds_path, rank=1, world_size=2, shuffle=False, read_batch=10)
     lo, hi = src.shard
-    spy = _Spy(src._dataset())
+    spy = _Spy(src.dataset())
     src._ds = spy
     rows = list(src.iter_rows())
     assert rows == [{"question": f"q{i}", "answer": f"a{i}"} for i in range(lo, hi)]
@@ -170,7 +170,7 @@ def test_every_rank_sees_every_source_of_a_sorted_dataset(tmp_path, world):
 
 def test_shuffled_reads_are_batches_of_row_lists(ds_path):
     src = ShardedSource(ds_path, seed=1, read_batch=16)
-    spy = _Spy(src._dataset())
+    spy = _Spy(src.dataset())
     src._ds = spy
     list(src.iter_rows(0))
     q_reads = [r[1] for r in spy.reads if r[0] == "question"]
@@ -184,7 +184,7 @@ def test_start_resumes_exactly_without_reading_skipped_blocks(ds_path, shuffle):
     full = list(src.iter_rows(2))
     for start in (0, 1, 7, 8, 9, 30, src.num_rows - 1, src.num_rows):
         assert list(src.iter_rows(2, start)) == full[start:]
-    spy = _Spy(src._dataset())
+    spy = _Spy(src.dataset())
     src._ds = spy
     assert len(list(src.iter_rows(2, src.num_rows - 1))) == 1
     assert len([r for r in spy.reads if r[0] == "question"]) == 1  # only the last block was read
