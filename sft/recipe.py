@@ -316,7 +316,7 @@ def checkpoint_extras(cfg: RunConfig, meta: dict):
     """Files every checkpoint-N carries besides the Trainer's: sft_base.json (so `sft merge --adapter
     .../checkpoint-N` works) and what a resumed run must share with it."""
     from sft.io import atomic_write_json
-    from sft.merging import write_base_meta
+    from sft.models.base_meta import write_base_meta
     from sft.trainer.checkpoint_format import RESUME_META
 
     def extras(directory: Path) -> None:

@@ -6,7 +6,7 @@ has to be gathered here; an adapter saved from partitioned parameters (empty ten
 
 Which base
     Training writes ``sft_base.json`` (the model and quantization sections of the run config and the seed) next to
-    the adapter, and into every ``checkpoint-N`` (:mod:`sft.merging.meta`). For a checkpoint without it, the run's
+    the adapter, and into every ``checkpoint-N`` (:mod:`sft.models.base_meta`). For a checkpoint without it, the run's
     ``adapter/sft_base.json``, ``sft_base.json`` or ``summary.json`` is used (see :func:`find_base_meta`); failing
     all of that, the adapter's own ``base_model_name_or_path``. That is what makes
     ``sft merge`` work for every model source, random-init architectures and GGUF files included.
@@ -55,7 +55,7 @@ Safety
     default) skips it, with a warning, when that does not fit in 70% of the available memory; ``check=True``
     forces it, ``check=False`` turns it off (``sft merge --no-check``).
 
-Rooms: :mod:`sft.merging.meta` (which base), :mod:`sft.merging.plan` (the adapter and its LoRA plan),
+Rooms: :mod:`sft.models.base_meta` (which base), :mod:`sft.merging.plan` (the adapter and its LoRA plan),
 :mod:`sft.merging.shards` (the shard-by-shard merge), :mod:`sft.merging.check` (models in memory, the self-check);
 this module runs them in order and owns the temporary output directory.
 """
@@ -78,7 +78,7 @@ from sft.errors import MergeError, SftError
 from sft.merging.check import reference_adapter_model, check_error, estimated_check_bytes, probe_logits, merged_diff
 from sft.merging.check import probe_ids, adapter_tokenizer
 from sft.merging.check import want_check, load_adapter_model
-from sft.merging.meta import BASE_META, base_configs, find_base_meta, recorded_base, write_base_meta
+from sft.models.base_meta import BASE_META, base_configs, find_base_meta, recorded_base, write_base_meta
 from sft.merging.plan import Adapter, Mismatch, mismatch_error, read_adapter, Unsupported
 from sft.merging.shards import INDEX, merge_shards, shard_files, shard_plan, ShardPlan, write_side_files
 from sft.merging.shards import base_weights_dir

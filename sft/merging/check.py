@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sft.errors import MergeError
-from sft.merging.meta import base_configs
+from sft.models.base_meta import base_configs
 from sft.merging.plan import LORA_KEY, ADAPTER_WEIGHTS, check_adapter_files, mismatch_error
 
 log = logging.getLogger(__name__)

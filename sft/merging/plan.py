@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from sft.errors import MergeError
-from sft.merging.meta import recorded_base
+from sft.models.base_meta import recorded_base
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 

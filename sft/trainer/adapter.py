@@ -17,7 +17,7 @@ def save_adapter(trainer, tokenizer, adapter_dir: Path, cfg: RunConfig) -> None:
     Every rank calls this: under DeepSpeed ZeRO-3 the adapter weights are partitioned and ``save_model`` gathers
     them (a collective) before the main process writes. Written to a temporary directory that every rank names the
     same way (save_model runs on all of them), then renamed."""
-    from sft.merging import write_base_meta
+    from sft.models.base_meta import write_base_meta
 
     tmp = adapter_dir.parent / (adapter_dir.name + ".tmp-save")
     dist.set_phase("save-adapter")

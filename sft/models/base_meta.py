@@ -101,8 +101,7 @@ def base_configs(adapter_dir: Path, base_override: str | None = None):
         model_cfg.name = base_override
         model_cfg.gguf_file = None
     if model_cfg.dtype == "auto":  # training records the resolved policy; this is for hand-written metadata
-        from sft import models
+        from sft.models.precision import resolve_dtype_policy
 
-        resolve = getattr(models, "resolve_dtype_policy", None)
-        model_cfg.dtype = resolve("auto") if resolve else "bf16-mixed"
+        model_cfg.dtype = resolve_dtype_policy("auto")
     return model_cfg, quant_cfg, seed
