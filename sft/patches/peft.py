@@ -4,11 +4,10 @@ LoRA dropout (modules swapped into ``lora_dropout``)."""
 from __future__ import annotations
 
 import importlib
-import types
 
 import torch
 
-from sft.patches.registry import need, need_attr, need_params, register
+from sft.patches.registry import need, need_attr, need_params, register, route_forward
 from sft.patches.registry import applied as _ran
 
 FUSED_LORA = "peft.lora_linear_forward"
@@ -22,14 +21,7 @@ def install_fused_lora(model: torch.nn.Module) -> int:
 
     from sft.ops.lora import fused_forward
 
-    n = 0
-    for m in model.modules():
-        if type(m) is LoraLinear:
-            m.forward = types.MethodType(fused_forward, m)
-            n += 1
-    if n:
-        _ran(FUSED_LORA)
-    return n
+    return route_forward(model, lambda m: type(m) is LoraLinear, fused_forward, FUSED_LORA)
 
 
 def install_fast_dropout(model: torch.nn.Module) -> int:

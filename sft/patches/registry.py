@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -130,3 +131,16 @@ def need_params(fn: Callable, params: tuple[str, ...], patch: str, prefix: bool 
     got = tuple(inspect.signature(fn).parameters)
     ok = got[:len(params)] == params if prefix else set(params) <= set(got)
     need(ok, patch, f"{getattr(fn, '__qualname__', fn)} takes {got}, the patch expects {params}")
+
+
+def route_forward(model, applies_to, forward, patch: str) -> int:
+    """Give every module of ``model`` that ``applies_to`` an instance-level ``forward`` (the class, saved weights
+    and the merged model are unchanged); records ``patch`` as ran when any was routed. Returns how many."""
+    n = 0
+    for m in model.modules():
+        if applies_to(m):
+            m.forward = types.MethodType(forward, m)
+            n += 1
+    if n:
+        applied(patch)
+    return n

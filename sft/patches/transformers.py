@@ -17,7 +17,7 @@ import types
 
 import torch
 
-from sft.patches.registry import VERIFIED, need, need_attr, need_params, register
+from sft.patches.registry import VERIFIED, need, need_attr, need_params, register, route_forward
 from sft.patches.registry import applied as _ran
 
 LLAMA = "transformers.models.llama.modeling_llama"
@@ -31,33 +31,17 @@ CHUNKED_LOSS = "transformers.causal_lm_forward"
 
 
 def install_fused_norm(model: torch.nn.Module) -> int:
-    """Route every Llama-style RMSNorm of ``model`` through :func:`sft.ops.norm.rms_norm` (an instance-level
-    ``forward``; the class, saved weights and the merged model are unchanged). Returns how many were routed."""
+    """Route every Llama-style RMSNorm of ``model`` through :func:`sft.ops.norm.rms_norm`. Returns how many."""
     from sft.ops import norm
 
-    n = 0
-    for m in model.modules():
-        if norm.applies_to(m):
-            m.forward = types.MethodType(norm.rms_norm, m)
-            n += 1
-    if n:
-        _ran(FUSED_NORM)
-    return n
+    return route_forward(model, norm.applies_to, norm.rms_norm, FUSED_NORM)
 
 
 def install_fused_mlp(model: torch.nn.Module) -> int:
-    """Route every Llama-style SiLU MLP of ``model`` through :func:`sft.ops.mlp.swiglu_mlp` (an instance-level
-    ``forward``). Returns how many modules were routed."""
+    """Route every Llama-style SiLU MLP of ``model`` through :func:`sft.ops.mlp.swiglu_mlp`. Returns how many."""
     from sft.ops import mlp
 
-    n = 0
-    for m in model.modules():
-        if mlp.applies_to(m):
-            m.forward = types.MethodType(mlp.swiglu_mlp, m)
-            n += 1
-    if n:
-        _ran(FUSED_MLP)
-    return n
+    return route_forward(model, mlp.applies_to, mlp.swiglu_mlp, FUSED_MLP)
 
 
 def install_chunked_loss(model, chunk: int | None = None) -> bool:
