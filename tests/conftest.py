@@ -30,3 +30,21 @@ def sft(capsys):
     from tests.helpers import run_cli
 
     return lambda *argv: run_cli(capsys, *argv)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_compiled_kernels():
+    """Each test module starts with dynamo's caches empty and sft's compiled CPU kernels (fused RMSNorm, SwiGLU) on.
+
+    The suite compiles those kernels for many shapes and dtypes in one process; past dynamo's recompile limit a
+    fullgraph compile fails, and the kernel's fallback (its "torch.compile failed" warning) turns it off for the rest
+    of the process, so a later module that asserts the kernel ran would fail for what an earlier one did. A training
+    run compiles a handful of shapes and never gets there."""
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].reset()
+    for name in ("sft.ops.norm", "sft.ops.mlp"):
+        if name in sys.modules:
+            sys.modules[name]._state["broken"] = False
+    yield
