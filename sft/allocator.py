@@ -160,8 +160,8 @@ def reexec_with(choice: str) -> None:
 _M_MMAP_THRESHOLD = -3
 #: The mmap threshold sft fixes on glibc malloc (see :func:`tune_system_malloc`).
 GLIBC_MMAP_THRESHOLD = 1 << 20
-# Set once tune_system_malloc has run in this process: None (not tried), else what it did (a line for the log).
-_glibc_tuning: str | None = None
+# Set once tune_system_malloc has run in this process: None (not tried), else whether the threshold is now fixed.
+_glibc_fixed: bool | None = None
 
 
 def _user_set_glibc_threshold(env: dict[str, str]) -> bool:
@@ -186,21 +186,20 @@ def tune_system_malloc(threshold: int = GLIBC_MMAP_THRESHOLD, env: dict[str, str
     because it keeps LoRA's small tensors (8 x 512 x r16 in bf16 = 128 KiB) off mmap, a system call and page
     faults each. This works in a running process, so it covers the Python API too. A threshold the user set
     themselves (MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES) is kept."""
-    global _glibc_tuning
+    global _glibc_fixed
     env = os.environ if env is None else env
     if _user_set_glibc_threshold(env):
-        _glibc_tuning = "glibc malloc, mmap threshold fixed by the environment"
         return True
-    if _glibc_tuning is not None:
-        return not _glibc_tuning.startswith("glibc malloc, dynamic")
+    if _glibc_fixed is not None:
+        return _glibc_fixed
     try:
         libc = ctypes.CDLL(None)
         ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
     except (OSError, AttributeError):  # no mallopt: not glibc (musl, ...)
         ok = False
-    _glibc_tuning = (f"glibc malloc, mmap threshold fixed at {threshold // 1024} KiB" if ok else
-                     "glibc malloc, dynamic mmap threshold (mallopt is not available)")
-    log.debug("allocator: %s", _glibc_tuning)
+    _glibc_fixed = ok
+    log.debug("allocator: glibc malloc, %s", f"mmap threshold fixed at {threshold // 1024} KiB" if ok else
+              "dynamic mmap threshold (mallopt is not available)")
     return ok
 
 
