@@ -134,3 +134,83 @@ def test_varlen_attention_in_bf16_upcast_or_not(monkeypatch, upcast):
         assert torch.equal(out, exact.bfloat16())
     out.float().sum().backward()
     assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
+
+
+def _saved_bytes(fn) -> tuple[int, set]:
+    """Bytes of the distinct storages autograd keeps for the backward of ``fn()``, those in fp32, and the output."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    fp32 = sum(n for n, dtype in storages.values() if dtype == torch.float32)
+    return sum(n for n, _ in storages.values()), fp32, out
+
+
+def test_bf16_attention_computed_in_fp32_keeps_bf16_inputs_for_its_backward(monkeypatch):
+    """Without AMX, bf16 attention is computed in fp32 (SFT_ATTENTION_FP32=1, auto's choice there). Its backward
+    keeps the bf16 q, k, v (k and v with their own kv heads, not expanded to the query heads) and the bf16 output,
+    not fp32 copies: on SmolLM2's shapes (9 query heads, 3 kv heads) that is 3.1x less memory a layer, which
+    ``gradient_checkpointing: auto`` spends on keeping layers instead of recomputing them. The gradients stay as
+    close to fp64 as the kernel's own fp32 backward's."""
+    from sft.ops.attention import UPCAST_ENV, varlen_sdpa_forward
+
+    monkeypatch.setenv(UPCAST_ENV, "1")
+
+    class _Attn(torch.nn.Module):
+        is_causal = True
+
+    g = torch.Generator().manual_seed(0)
+    B, L, D = 2, 96, 16
+    q64 = torch.randn(B, 9, L, D, generator=g, dtype=torch.float64)
+    k64, v64 = (torch.randn(B, 3, L, D, generator=g, dtype=torch.float64) for _ in range(2))
+    pos = torch.cat([torch.arange(n) for n in (30, 50, 16)])[None].expand(B, -1)
+    q, k, v = (t.bfloat16().requires_grad_() for t in (q64, k64, v64))
+    nbytes, fp32, out = _saved_bytes(lambda: varlen_sdpa_forward(_Attn().train(), q, k, v, None,
+                                                                   position_ids=pos)[0])
+    bf16_inputs = 2 * (q.numel() + k.numel() + v.numel() + q.numel())  # q, k, v and the output, in bf16
+    lse = 4 * B * 9 * L  # the log-sum-exp, one float a query row: the only thing kept in fp32
+    assert fp32 <= lse and nbytes <= bf16_inputs + lse, (nbytes, fp32, bf16_inputs)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    out.backward(grad.bfloat16())
+    # fp64 reference on the same bf16-rounded inputs
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    spans = [(0, 30), (30, 80), (80, 96)]
+    ks, vs = (t.repeat_interleave(3, 1) for t in ref_in[1:])
+    ref = torch.cat([F.scaled_dot_product_attention(ref_in[0][:, :, s:e], ks[:, :, s:e], vs[:, :, s:e],
+                                                    is_causal=True) for s, e in spans], 2).transpose(1, 2)
+    assert (out.double() - ref).abs().max() < 0.02
+    ref.backward(grad)
+    for got, want in zip((q.grad, k.grad, v.grad), ref_in):
+        assert got.dtype == torch.bfloat16
+        rel = ((got.double() - want.grad).abs().max() / want.grad.abs().max()).item()
+        assert rel < 1e-2, rel
+
+
+def test_a_bf16_llama_trains_through_the_lean_fp32_attention(monkeypatch):
+    """Training a bf16 Llama-style model (grouped-query attention) with sft_varlen and SFT_ATTENTION_FP32=1 runs
+    every layer's attention through the lean fp32 path, with the loss of the fp32 model to bf16 rounding and
+    finite gradients for every parameter that trains."""
+    from sft.ops.attention import UPCAST_ENV, lean_runs
+
+    monkeypatch.setenv(UPCAST_ENV, "1")
+    model = build_random("tiny-llama", 0)
+    set_base_dropout(model, 0.0)
+    model.set_attn_implementation(resolve_attention("sft_varlen"))
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    ref = copy.deepcopy(model).train()
+    model = model.bfloat16().train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 250, (2, 48), generator=g)
+    pos = torch.cat([torch.arange(n) for n in (20, 28)])[None].expand(2, -1)
+    before = lean_runs()
+    loss = model(input_ids=ids, labels=ids, position_ids=pos).loss
+    loss.backward()
+    assert lean_runs() - before == model.config.num_hidden_layers
+    want = ref(input_ids=ids, labels=ids, position_ids=pos).loss
+    assert abs(loss.item() - want.item()) < 0.05, (loss.item(), want.item())
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(gr is not None and torch.isfinite(gr.float()).all() for gr in grads)

@@ -16,7 +16,7 @@ from sft.distributed import sharded_launch, zero3_init
 from sft.models.architectures import build_random
 from sft.models.cache import dense_copy_of_gguf, materialize_arch
 from sft.models.memory import apply_checkpointing, choose_checkpointing
-from sft.models.precision import to_torch_dtype, apply_dtype_policy
+from sft.models.precision import apply_dtype_policy, resolve_dtype_policy, to_torch_dtype
 from sft.models.quantization import bnb_config
 from sft.models.sources import ModelSource, resolve_source
 from sft.models.tokenizers import load_tokenizer
@@ -162,7 +162,7 @@ def prepare_model(model, tokenizer, model_cfg: ModelConfig, lora_cfg: LoraSectio
                 model.config, tokens_per_micro_batch, model_cfg.dtype, quant.mode,
                 chunked_loss=getattr(model, "_sft_chunked_loss", False),
                 fused_norm=getattr(model, "_sft_fused_norm", False),
-                fused_mlp=getattr(model, "_sft_fused_mlp", False))
+                fused_mlp=getattr(model, "_sft_fused_mlp", False), lean_attention=lean_attention(model, model_cfg))
             checkpointing = keep < getattr(model.config, "num_hidden_layers", 0)
         model = add_lora(model, lora_cfg, checkpointing, quantized=quant.mode == "nf4")
         if lora_cfg.fast_dropout:
@@ -173,6 +173,15 @@ def prepare_model(model, tokenizer, model_cfg: ModelConfig, lora_cfg: LoraSectio
             apply_checkpointing(model, keep)
         model.sft_checkpointing = checkpointing  # what `auto` resolved to (the config is not changed)
     return model
+
+
+def lean_attention(model, model_cfg) -> bool:
+    """Whether this model's training attention keeps bf16 inputs while computing in fp32
+    (:func:`sft.ops.attention.upcast_on_cpu`: bf16 on a CPU without AMX, through sft_varlen)."""
+    from sft.ops.attention import NAME, upcast_on_cpu
+
+    return (not torch.cuda.is_available() and resolve_dtype_policy(model_cfg.dtype) in ("bf16", "bf16-mixed")
+            and getattr(model.config, "_attn_implementation", None) == NAME and upcast_on_cpu(torch.bfloat16))
 
 
 __all__ = ["load_base_model", "load_model_and_tokenizer", "prepare_model", "prepare_weights", "resolve_attention",

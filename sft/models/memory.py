@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 def layer_activation_bytes(config, tokens: int, dtype: str, quant_mode: str = "none", fused_norm: bool = False,
-                           fused_mlp: bool = False) -> int:
+                           fused_mlp: bool = False, lean_attention: bool = False) -> int:
     """Estimated activation memory autograd keeps for ONE decoder layer over ``tokens`` tokens (no checkpointing).
 
     Per token, calibrated from peak RSS of `sft bench` cells with and without checkpointing (8 x 512 tokens,
@@ -26,7 +26,10 @@ def layer_activation_bytes(config, tokens: int, dtype: str, quant_mode: str = "n
     norm outputs) and the bool LoRA-dropout masks, SmolLM2's layer keeps 0.066 GiB: (4.07 - 2.09 GiB) / 30 layers,
     same method, tcmalloc, commit cbeb1db; 1.81 bytes per float, rounded up to 2.0. The fused SwiGLU product
     (``fused_mlp``) keeps one intermediate-sized tensor less (silu(gate) is recomputed): counted by
-    tests/test_mlp.py with autograd's saved-tensor hooks."""
+    tests/test_mlp.py with autograd's saved-tensor hooks. Where bf16 attention is computed in fp32 and keeps bf16
+    (``lean_attention``: CPUs without AMX, :class:`sft.ops.attention._CausalFlashFp32Lean`), SmolLM2's layer keeps
+    0.051 GiB: (3.29 - 1.76 GiB) / 30 layers, no-ckpt - all-ckpt peak RSS, bf16-mixed, tcmalloc, 2-core AMD EPYC
+    (avx512_bf16, no AMX), 2026-12-07; 1.66 bytes per float, rounded up to 1.75."""
     hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0)
     inter = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden
     gated = supports("gated_mlp", getattr(config, "model_type", ""))
@@ -34,7 +37,7 @@ def layer_activation_bytes(config, tokens: int, dtype: str, quant_mode: str = "n
     if dtype == "fp32" and quant_mode == "none":
         per_elem = 4.0
     else:
-        per_elem = 2.0 if fused_norm and gated else 3.5
+        per_elem = (1.75 if lean_attention else 2.0) if fused_norm and gated else 3.5
     return int(tokens * floats * per_elem)
 
 
@@ -43,18 +46,22 @@ def layer_activation_bytes(config, tokens: int, dtype: str, quant_mode: str = "n
 #: recomputed (`sft bench`, OPT-125m, 8 x 512 tokens, LoRA r16 q/v, 2-core AMD EPYC, 2026-12-06): fp32 3.71 vs
 #: 1.58 GiB, i.e. 2.78 x the 0.82 GB of fp32 logits (logits, log-softmax and their gradients); bf16-mixed 3.95
 #: vs 1.32 GiB, 3.43 x (bf16 logits, their fp32 upcast, log-softmax, gradients). Used rounded down, so that the
-#: budget never exceeds what the plain path really held. bf16 keeps the older 2.0: there the seed recipe's own
-#: RSS binds first (SmolLM2 with the fused RMSNorm has 1.70 GiB of headroom under the seed, 25 layers at most,
-#: and 2.75 would keep 28; see tests/test_checkpointing_plan.py).
+#: budget never exceeds what the plain path really held. bf16 keeps the older 2.0 where a layer keeps fp32 or
+#: expanded attention inputs: there the seed recipe's own RSS binds first (SmolLM2 with the fused RMSNorm has 1.70
+#: GiB of headroom under the seed, 25 layers at most, and 2.75 would keep 28; see
+#: tests/test_checkpointing_plan.py). With the lean fp32 attention (CPUs without AMX) the layers are light enough
+#: that it does not: all 30 SmolLM2 layers kept peak at 3.29 GiB against the seed's 4.07 (2-core EPYC,
+#: 2026-12-07), so the measured factor applies there, rounded down as for fp32.
 PLAIN_LOSS_LOGITS = {"fp32": 2.75}
 PLAIN_LOSS_LOGITS_DEFAULT = 2.0
+PLAIN_LOSS_LOGITS_LEAN = 2.75
 
 
-def logits_bytes(config, tokens: int, dtype: str = "fp32") -> int:
+def logits_bytes(config, tokens: int, dtype: str = "fp32", lean_attention: bool = False) -> int:
     """What the plain loss path adds to the memory peak (end of forward, start of backward): its full logits,
     log-softmax and their gradients, a measured multiple (:data:`PLAIN_LOSS_LOGITS`) of ``tokens x vocab x 4``
     bytes."""
-    factor = PLAIN_LOSS_LOGITS.get(dtype, PLAIN_LOSS_LOGITS_DEFAULT)
+    factor = PLAIN_LOSS_LOGITS.get(dtype, PLAIN_LOSS_LOGITS_LEAN if lean_attention else PLAIN_LOSS_LOGITS_DEFAULT)
     return int(factor * tokens * getattr(config, "vocab_size", 0) * 4)
 
 
@@ -79,7 +86,8 @@ def available_memory_bytes() -> int:
 
 def choose_checkpointing(config, tokens_per_micro_batch: int, dtype: str, quant_mode: str = "none",
                          chunked_loss: bool = True, available: int | None = None, fraction: float = 0.25,
-                         fused_norm: bool = False, fused_mlp: bool = False, live_memory: bool | None = None) -> int:
+                         fused_norm: bool = False, fused_mlp: bool = False, live_memory: bool | None = None,
+                         lean_attention: bool = False) -> int:
     """``gradient_checkpointing: auto``: how many decoder layers keep their activations (the rest recompute them).
 
     The budget is the memory the chunked loss saves against the plain loss path (its full fp32 logits), capped at
@@ -94,10 +102,12 @@ def choose_checkpointing(config, tokens_per_micro_batch: int, dtype: str, quant_
     with 24 of 30 layers kept, 1.13x the seed recipe's RSS), nothing is kept: ``live_memory`` (default: asked of
     :func:`sft.allocator.plans_with_live_memory`) False makes every layer recompute."""
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    # lean_attention (CPUs without AMX, bf16): measured on the fused-norm Llama layer only; elsewhere unchanged
+    lean = lean_attention and quant_mode == "none" and fused_norm
     per_layer = max(1, layer_activation_bytes(config, tokens_per_micro_batch, dtype, quant_mode, fused_norm,
-                                              fused_mlp))
+                                              fused_mlp, lean))
     avail = available_memory_bytes() if available is None else available
-    saved = logits_bytes(config, tokens_per_micro_batch, dtype) if chunked_loss else 0
+    saved = logits_bytes(config, tokens_per_micro_batch, dtype, lean) if chunked_loss else 0
     budget = min(saved, int(fraction * avail))
     if live_memory is None and not torch.cuda.is_available():
         from sft.allocator import plans_with_live_memory

@@ -115,11 +115,56 @@ class _CausalFlashMathBackward(torch.autograd.Function):
         return torch.matmul(ds, k), torch.matmul(ds.transpose(1, 2), q), dv, None
 
 
+class _CausalFlashFp32Lean(torch.autograd.Function):
+    """Causal attention of one document, bf16 (H, L, D) query and (KV, L, D) key/value on CPU, computed in fp32
+    by PyTorch's flash kernel (what ``upcast_on_cpu`` chooses without AMX), that keeps bf16 for its backward.
+
+    Autograd through ``q.float()`` + SDPA keeps fp32 copies of q, k and v, with k and v expanded to the query
+    heads, and the fp32 output: on SmolLM2's shapes (9 query, 3 kv heads) 38 MB a layer of 8 x 512 tokens. This
+    keeps the bf16 inputs, unexpanded, and the bf16 output (12.6 MB) and casts them again in the backward, which
+    then runs the same fp32 flash kernel; k and v's gradients are summed over their query heads. The output is the
+    same bf16 rounding of the same fp32 result; the backward differs by the output's bf16 rounding in
+    rowsum(dO * O) (gradient error against fp64 in tests/test_packed_attention.py)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        rep = q.shape[0] // k.shape[0]
+        kf, vf = k.float(), v.float()
+        if rep > 1:
+            kf, vf = kf.repeat_interleave(rep, 0), vf.repeat_interleave(rep, 0)
+        out, lse = _flash_cpu(q.float()[None], kf[None], vf[None], 0.0, True, scale=scale)
+        out = out[0].to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.rep = scale, rep
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        rep = ctx.rep
+        kf, vf = k.float(), v.float()
+        if rep > 1:
+            kf, vf = kf.repeat_interleave(rep, 0), vf.repeat_interleave(rep, 0)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad.float()[None], q.float()[None], kf[None], vf[None], out.float()[None], lse, 0.0, True,
+            scale=ctx.scale)
+        dq, dk, dv = dq[0], dk[0], dv[0]
+        if rep > 1:
+            dk = dk.unflatten(0, (k.shape[0], rep)).sum(1)
+            dv = dv.unflatten(0, (v.shape[0], rep)).sum(1)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
 #: set on a model's attention modules by ``sft.patches.transformers.use_math_backward``
 #: (``model.fast_attention_backward``); read here
 MATH_BACKWARD_ATTR = "_sft_attention_math_backward"
 
-_state = {"runs": 0}  # documents whose attention took the math backward (the canary reads it)
+_state = {"runs": 0, "lean": 0}  # documents whose attention took the math backward (the canary reads it); layer calls of _lean_fp32
+
+
+def lean_runs() -> int:
+    """How many layer calls took :func:`_lean_fp32` (bf16 computed in fp32, bf16 kept) in this process."""
+    return _state["lean"]
 
 
 def runs() -> int:
@@ -156,6 +201,11 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         pos = pos[None]
     if pos.shape[0] != query.shape[0]:
         pos = pos.expand(query.shape[0], -1)
+    out_dtype = query.dtype
+    if (query.device.type == "cpu" and upcast_on_cpu(query.dtype) and dropout == 0.0
+            and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+            and query.shape[1] % key.shape[1] == 0):
+        return _lean_fp32(query, key, value, pos, query.shape[-1] ** -0.5 if scaling is None else float(scaling))
     if query.shape[1] != key.shape[1]:
         # grouped-query attention: expand k/v to the query heads (SDPA's enable_gqa leaves the CPU flash kernel)
         rep = query.shape[1] // key.shape[1]
@@ -163,7 +213,6 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     # unbind/split, not slicing: a slice's backward writes its gradient into a zero tensor of the whole input,
     # and autograd then adds those up, O(documents x block) per layer; split's backward is one concatenation.
     # Measured on OPT-125m 8 x 512 (bf16, 2-core EPYC): SliceBackward + its fill_/add_ took ~1.7 s of a 10.4 s step.
-    out_dtype = query.dtype
     if query.device.type == "cpu" and upcast_on_cpu(query.dtype):
         query, key, value = query.float(), key.float(), value.float()
     math = (getattr(module, MATH_BACKWARD_ATTR, False) and query.device.type == "cpu"
@@ -175,3 +224,16 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
                  for q, k, v in zip(qb.split(sizes, dim=1), kb.split(sizes, dim=1), vb.split(sizes, dim=1))]
         rows.append(torch.cat(parts, dim=0) if len(parts) > 1 else parts[0].contiguous())
     return torch.stack(rows, dim=0).to(out_dtype), None  # (B, L, H, D), contiguous
+
+
+def _lean_fp32(query, key, value, pos, scale: float):
+    """bf16 training attention computed in fp32 (no AMX) through :class:`_CausalFlashFp32Lean`, document by
+    document; (B, H, L, D) in, (B, L, H, D) bf16 out."""
+    _state["lean"] += 1
+    rows = []
+    for qb, kb, vb, spans in zip(query.unbind(0), key.unbind(0), value.unbind(0), document_spans(pos)):
+        sizes = [e - s for s, e in spans]
+        parts = [_CausalFlashFp32Lean.apply(q, k, v, scale).transpose(0, 1)  # (len, H, D)
+                 for q, k, v in zip(qb.split(sizes, dim=1), kb.split(sizes, dim=1), vb.split(sizes, dim=1))]
+        rows.append(torch.cat(parts, dim=0) if len(parts) > 1 else parts[0].contiguous())
+    return torch.stack(rows, dim=0), None
