@@ -156,7 +156,7 @@ def test_bf16_attention_computed_in_fp32_keeps_bf16_inputs_for_its_backward(monk
     not fp32 copies: on SmolLM2's shapes (9 query heads, 3 kv heads) that is 3.1x less memory a layer, which
     ``gradient_checkpointing: auto`` spends on keeping layers instead of recomputing them. The gradients stay as
     close to fp64 as the kernel's own fp32 backward's."""
-    from sft.ops.attention import UPCAST_ENV, varlen_sdpa_forward
+    from sft.ops.attention import MATH_BACKWARD_ATTR, UPCAST_ENV, varlen_sdpa_forward
 
     monkeypatch.setenv(UPCAST_ENV, "1")
 
@@ -169,8 +169,9 @@ def test_bf16_attention_computed_in_fp32_keeps_bf16_inputs_for_its_backward(monk
     k64, v64 = (torch.randn(B, 3, L, D, generator=g, dtype=torch.float64) for _ in range(2))
     pos = torch.cat([torch.arange(n) for n in (30, 50, 16)])[None].expand(B, -1)
     q, k, v = (t.bfloat16().requires_grad_() for t in (q64, k64, v64))
-    nbytes, fp32, out = _saved_bytes(lambda: varlen_sdpa_forward(_Attn().train(), q, k, v, None,
-                                                                   position_ids=pos)[0])
+    mod = _Attn().train()
+    setattr(mod, MATH_BACKWARD_ATTR, True)  # what model.fast_attention_backward (the default) installs
+    nbytes, fp32, out = _saved_bytes(lambda: varlen_sdpa_forward(mod, q, k, v, None, position_ids=pos)[0])
     bf16_inputs = 2 * (q.numel() + k.numel() + v.numel() + q.numel())  # q, k, v and the output, in bf16
     lse = 4 * B * 9 * L  # the log-sum-exp, one float a query row: the only thing kept in fp32
     assert fp32 <= lse and nbytes <= bf16_inputs + lse, (nbytes, fp32, bf16_inputs)
@@ -191,10 +192,11 @@ def test_bf16_attention_computed_in_fp32_keeps_bf16_inputs_for_its_backward(monk
 
 
 def test_a_bf16_llama_trains_through_the_lean_fp32_attention(monkeypatch):
-    """Training a bf16 Llama-style model (grouped-query attention) with sft_varlen and SFT_ATTENTION_FP32=1 runs
-    every layer's attention through the lean fp32 path, with the loss of the fp32 model to bf16 rounding and
-    finite gradients for every parameter that trains."""
+    """Training a bf16 Llama-style model (grouped-query attention) with sft_varlen, SFT_ATTENTION_FP32=1 and
+    model.fast_attention_backward runs every layer's attention through the lean fp32 path, with the loss of the
+    fp32 model to bf16 rounding and finite gradients for every parameter that trains; without the key, none."""
     from sft.ops.attention import UPCAST_ENV, lean_runs
+    from sft.patches.transformers import use_math_backward
 
     monkeypatch.setenv(UPCAST_ENV, "1")
     model = build_random("tiny-llama", 0)
@@ -202,7 +204,9 @@ def test_a_bf16_llama_trains_through_the_lean_fp32_attention(monkeypatch):
     model.set_attn_implementation(resolve_attention("sft_varlen"))
     assert model.config.num_key_value_heads < model.config.num_attention_heads
     ref = copy.deepcopy(model).train()
+    plain = copy.deepcopy(model).bfloat16().train()
     model = model.bfloat16().train()
+    assert use_math_backward(model) == model.config.num_hidden_layers
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 250, (2, 48), generator=g)
     pos = torch.cat([torch.arange(n) for n in (20, 28)])[None].expand(2, -1)
@@ -210,6 +214,8 @@ def test_a_bf16_llama_trains_through_the_lean_fp32_attention(monkeypatch):
     loss = model(input_ids=ids, labels=ids, position_ids=pos).loss
     loss.backward()
     assert lean_runs() - before == model.config.num_hidden_layers
+    plain(input_ids=ids, labels=ids, position_ids=pos).loss.backward()
+    assert lean_runs() - before == model.config.num_hidden_layers  # not marked: PyTorch's kernel on fp32 copies
     want = ref(input_ids=ids, labels=ids, position_ids=pos).loss
     assert abs(loss.item() - want.item()) < 0.05, (loss.item(), want.item())
     grads = [p.grad for p in model.parameters() if p.requires_grad]

@@ -93,7 +93,9 @@ class ModelConfig:
         True,
         "With sft_varlen attention in bf16 on CPU, compute each document's attention backward as four GEMMs (S and dP "
         "in fp32, dV/dQ/dK in bf16) around fp32 softmax arithmetic instead of PyTorch's CPU flash backward (~2x faster attention fwd + bwd on "
-        "an AMX Xeon; sft/ops/attention.py). false: the flash kernel's backward.",
+        "an AMX Xeon; sft/ops/attention.py). On a CPU without AMX, where bf16 attention is computed in fp32, keep "
+        "the bf16 inputs (k/v unexpanded) for the backward instead of fp32 copies (1.2x faster, 0.7 GiB less on "
+        "SmolLM2 8 x 512). false: the flash kernel's backward on what autograd kept.",
     )
     revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) for hub ids.")
 

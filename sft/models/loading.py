@@ -177,10 +177,11 @@ def prepare_model(model, tokenizer, model_cfg: ModelConfig, lora_cfg: LoraSectio
 
 def lean_attention(model, model_cfg) -> bool:
     """Whether this model's training attention keeps bf16 inputs while computing in fp32
-    (:func:`sft.ops.attention.upcast_on_cpu`: bf16 on a CPU without AMX, through sft_varlen)."""
+    (``model.fast_attention_backward`` and :func:`sft.ops.attention.upcast_on_cpu`: bf16 on a CPU without AMX,
+    through sft_varlen)."""
     from sft.ops.attention import NAME, upcast_on_cpu
 
-    return (not torch.cuda.is_available() and resolve_dtype_policy(model_cfg.dtype) in ("bf16", "bf16-mixed")
+    return (model_cfg.fast_attention_backward and not torch.cuda.is_available() and resolve_dtype_policy(model_cfg.dtype) in ("bf16", "bf16-mixed")
             and getattr(model.config, "_attn_implementation", None) == NAME and upcast_on_cpu(torch.bfloat16))
 
 

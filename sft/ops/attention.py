@@ -202,7 +202,8 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     if pos.shape[0] != query.shape[0]:
         pos = pos.expand(query.shape[0], -1)
     out_dtype = query.dtype
-    if (query.device.type == "cpu" and upcast_on_cpu(query.dtype) and dropout == 0.0
+    if (getattr(module, MATH_BACKWARD_ATTR, False) and query.device.type == "cpu" and upcast_on_cpu(query.dtype)
+            and dropout == 0.0
             and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
             and query.shape[1] % key.shape[1] == 0):
         return _lean_fp32(query, key, value, pos, query.shape[-1] ** -0.5 if scaling is None else float(scaling))
