@@ -101,7 +101,7 @@ def test_synchronous_compute_waits_for_the_slower_node():
 # --------------------------------------------------------------------------------------------- matrices
 
 
-@pytest.mark.parametrize("name", ["cpu", "cpu-large", "allocators-llama", "gpu", "smoke", "memory-calibration", "compile"])
+@pytest.mark.parametrize("name", ["cpu", "cpu-large", "llama", "gpu", "smoke", "memory-calibration", "compile"])
 def test_shipped_matrices_load(name):
     m = load_matrix(name)
     assert m.cells and m.steps >= 1 and m.warmup >= 1
