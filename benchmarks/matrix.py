@@ -97,6 +97,8 @@ BUILTIN_VARIANTS: dict[str, Variant] = {
     "system-malloc": Variant("framework", {"training.allocator": "system"},
                              "framework on glibc malloc (no jemalloc / tcmalloc preloaded)"),
     "tcmalloc": Variant("framework", {"training.allocator": "tcmalloc"}, "framework on tcmalloc"),
+    "mimalloc": Variant("framework", {"training.allocator": "mimalloc"},
+                        "framework on mimalloc (the cmeel-mimalloc wheel sft installs; sft's MIMALLOC_PURGE_DELAY)"),
     "nn-dropout": Variant("framework", {"lora.fast_dropout": False},
                           "framework with PEFT's nn.Dropout on the LoRA input (one bernoulli draw per element)"),
     "flash-backward": Variant("framework", {"model.fast_attention_backward": False},

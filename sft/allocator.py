@@ -1,4 +1,6 @@
-"""The host memory allocator (``training.allocator``): jemalloc or tcmalloc preloaded in place of glibc malloc.
+"""The host memory allocator (``training.allocator``): tcmalloc, jemalloc or mimalloc preloaded in place of glibc
+malloc. mimalloc comes with sft itself (the ``cmeel-mimalloc`` wheel from PyPI, a dependency on x86-64 Linux), so a
+plain ``pip install`` trains on a fast allocator without any system package.
 
 PyTorch on CPU frees and re-allocates tensors of the same few sizes every step. glibc malloc keeps freed large
 blocks in per-thread arenas and returns them to the OS late, so a run's peak RSS grows over its first steps by
@@ -29,16 +31,21 @@ from sft.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-CHOICES = ("auto", "jemalloc", "tcmalloc", "system")
+CHOICES = ("auto", "jemalloc", "tcmalloc", "mimalloc", "system")
 
 # Shared-object names, most specific first (Debian / Ubuntu: libjemalloc2, libtcmalloc-minimal4; conda: jemalloc,
 # gperftools).
 _SONAMES = {
     "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
     "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so"),
+    "mimalloc": ("libmimalloc.so.3", "libmimalloc.so.2", "libmimalloc.so"),
 }
 _PACKAGES = {"jemalloc": "apt-get install libjemalloc2 (or conda install jemalloc)",
-             "tcmalloc": "apt-get install libtcmalloc-minimal4 (or conda install gperftools)"}
+             "tcmalloc": "apt-get install libtcmalloc-minimal4 (or conda install gperftools)",
+             "mimalloc": "pip install cmeel-mimalloc (sft's own dependency on x86-64 Linux) or apt-get install "
+                         "libmimalloc3"}
+# The pip distribution that ships libmimalloc (cmeel: CMake projects as wheels; MIT, Microsoft's mimalloc)
+_PIP_DISTRIBUTIONS = {"mimalloc": "cmeel-mimalloc"}
 _SEARCH_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
                 "/usr/local/lib", "/lib/x86_64-linux-gnu", "/lib64")
 
@@ -51,12 +58,38 @@ GUARD_ENV = "SFT_ALLOCATOR_PRELOADED"
 # (jemalloc defaults: 264-278 tok/s against glibc's 364-368 on SmolLM2-135M; these settings: 393-400).
 JEMALLOC_CONF = ("oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,"
                  "muzzy_decay_ms:-1")
-# Which allocator `auto` takes, first installed wins (see resolve()).
-AUTO_ORDER = ("tcmalloc", "jemalloc")
+# mimalloc's settings when sft preloads it and the user set none of their own (MIMALLOC_* variables). mimalloc
+# purges (decommits) freed memory after MIMALLOC_PURGE_DELAY ms (default 10 in mimalloc 2.x): a CPU training step
+# frees and re-allocates the same large tensors, and would page-fault them in again every step.
+MIMALLOC_ENV = {"MIMALLOC_PURGE_DELAY": "-1"}
+# Which allocator `auto` takes, first installed wins (see resolve()): the system packages first, then the one that
+# comes with sft from PyPI.
+AUTO_ORDER = ("tcmalloc", "jemalloc", "mimalloc")
+
+
+def _pip_library(name: str) -> str | None:
+    """The shared object of allocator ``name`` installed by pip (its wheel's file list), or None."""
+    dist = _PIP_DISTRIBUTIONS.get(name)
+    if dist is None:
+        return None
+    from importlib import metadata
+
+    try:
+        files = metadata.files(dist) or []
+        located = {f.name: f.locate() for f in files if f.name in _SONAMES[name]}
+    except metadata.PackageNotFoundError:
+        return None
+    for so in _SONAMES[name]:
+        if so in located and os.path.isfile(located[so]):
+            return str(located[so])
+    return None
 
 
 def find_library(name: str) -> str | None:
-    """The path of allocator ``name``'s shared object on this machine, or None."""
+    """The path of allocator ``name``'s shared object on this machine (pip's wheel first), or None."""
+    pip = _pip_library(name)
+    if pip:
+        return pip
     dirs = [os.path.join(sys.prefix, "lib"), *(_SEARCH_DIRS)]
     for so in _SONAMES[name]:
         for d in dirs:
@@ -126,6 +159,8 @@ def preload_env(choice: str, env: dict[str, str] | None = None) -> dict[str, str
     out = {"LD_PRELOAD": ":".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)}
     if name == "jemalloc" and "MALLOC_CONF" not in env:
         out["MALLOC_CONF"] = JEMALLOC_CONF
+    if name == "mimalloc" and not any(k.startswith("MIMALLOC_") for k in env):
+        out.update(MIMALLOC_ENV)
     if name == "tcmalloc" and "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD" not in env:
         # tcmalloc prints a line (with a stack) for every allocation over 1 GiB: a model's weights, a merge
         out["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] = str(1 << 40)
@@ -217,7 +252,7 @@ def check_in_process(choice: str) -> str:
     have = loaded()
     if have == "system" and not _has_cuda_driver():
         tune_system_malloc()
-    if choice in ("jemalloc", "tcmalloc") and have != choice:
+    if choice in _SONAMES and have != choice:
         log.warning("training.allocator=%s, but this process runs on %s: the allocator is chosen when a process "
                     "starts (LD_PRELOAD=%s python ...; `sft train` does it itself)", choice, have,
                     find_library(choice) or f"lib{choice}.so")

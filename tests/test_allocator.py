@@ -10,12 +10,12 @@ import pytest
 from sft import allocator
 from sft.errors import ConfigError
 
-HAVE = {name: allocator.find_library(name) is not None for name in ("jemalloc", "tcmalloc")}
+HAVE = {name: allocator.find_library(name) is not None for name in ("jemalloc", "tcmalloc", "mimalloc")}
 
 
 def test_unknown_or_missing_allocator_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match="not one of"):
-        allocator.resolve("mimalloc")
+        allocator.resolve("hoard")
     monkeypatch.setattr(allocator, "find_library", lambda name: None)
     with pytest.raises(ConfigError, match="libjemalloc2"):
         allocator.resolve("jemalloc")
@@ -56,7 +56,7 @@ def _run(tmp_path, *args: str, env: dict | None = None) -> list[str]:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("name", ["jemalloc", "tcmalloc"])
+@pytest.mark.parametrize("name", ["jemalloc", "tcmalloc", "mimalloc"])
 def test_reexec_really_runs_the_process_on_the_allocator(tmp_path, name):
     if not HAVE[name]:
         pytest.skip(f"lib{name} is not installed")
@@ -71,6 +71,33 @@ def test_reexec_to_system_and_after_torch_changes_nothing(tmp_path):
         assert _run(tmp_path, "jemalloc", "torch-first")[:2] == ["system", "-"]
         # the guard stops a second exec even where the preload did not take (a loop would never end)
         assert _run(tmp_path, "jemalloc", env={allocator.GUARD_ENV: "jemalloc"})[:2] == ["system", "jemalloc"]
+
+
+def test_mimalloc_comes_with_sft_from_pypi():
+    """sft depends on the cmeel-mimalloc wheel (x86-64 Linux): a plain `pip install` has a fast allocator to preload
+    without any system package, found through the wheel's file list, with sft's settings unless the user set
+    MIMALLOC_* variables of their own; `auto` takes it where neither tcmalloc nor jemalloc is installed."""
+    import platform
+    from importlib import metadata
+
+    if not (sys.platform == "linux" and platform.machine() == "x86_64"):
+        pytest.skip("cmeel-mimalloc is a dependency on x86-64 Linux only")
+    path = allocator.find_library("mimalloc")
+    assert path and os.path.isfile(path) and "cmeel.prefix" in path, path
+    assert any(f.name == os.path.basename(path) for f in metadata.files("cmeel-mimalloc"))
+    env = allocator.preload_env("mimalloc", {})
+    assert env["LD_PRELOAD"] == path and env["MIMALLOC_PURGE_DELAY"] == "-1"
+    assert "MIMALLOC_PURGE_DELAY" not in allocator.preload_env("mimalloc", {"MIMALLOC_VERBOSE": "1"})
+    assert allocator.AUTO_ORDER[-1] == "mimalloc"
+
+
+def test_auto_falls_back_to_mimalloc_without_system_allocators(monkeypatch):
+    real = allocator.find_library
+    monkeypatch.setattr(allocator, "find_library", lambda name: real(name) if name == "mimalloc" else None)
+    monkeypatch.setattr(allocator, "_has_cuda_driver", lambda: False)
+    if real("mimalloc") is None:
+        pytest.skip("mimalloc is not installed")
+    assert allocator.resolve("auto") == ("mimalloc", real("mimalloc"))
 
 
 def test_check_in_process_warns_when_the_allocator_cannot_be_changed(caplog):
