@@ -125,7 +125,10 @@ def resolve(choice: str) -> tuple[str, str | None]:
     :data:`JEMALLOC_CONF`), else the system allocator. Measured on the 2-core AMX Xeon VM, SmolLM2-135M 8 x 512,
     bf16-mixed, 2 interleaved repeats (`sft bench --matrix benchmarks/matrices/allocators.yaml --repeat 2`):
     tcmalloc 451-455 tok/s at 3.43 GiB peak RSS, jemalloc (JEMALLOC_CONF) 393-400 at 3.47-3.50, glibc
-    364-368 at 4.20-4.21, jemalloc defaults 264-278 at 3.41.
+    364-368 at 4.20-4.21, jemalloc defaults 264-278 at 3.41. mimalloc (what sft brings from PyPI) comes after the
+    system packages: on the 2-core AMD EPYC, SmolLM2 8 x 512, 2 interleaved repeats (`sft bench --matrix llama`,
+    benchmarks/results/2026-12-07-vm-llama-7bd5c8c.md), tcmalloc 448-501 tok/s at 3.30 GiB, mimalloc 413-498 at
+    3.63, jemalloc 427-470 at 3.47, glibc with sft's fixed mmap threshold 367-368 at 3.30.
     A named allocator that is not installed is a ConfigError naming the package to install."""
     if choice not in CHOICES:
         raise ConfigError(f"training.allocator: {choice!r} is not one of {', '.join(CHOICES)}")
