@@ -8,7 +8,9 @@ Candidates, on one batch of packed blocks (documents of 40-260 tokens, as the be
 * ``varlen-bf16`` / ``varlen-fp32``: sft_varlen (one causal SDPA per document), in bf16, or in fp32 for bf16
   inputs (``SFT_ATTENTION_FP32``; sft.ops.attention.upcast_on_cpu decides ``auto``);
 * ``varlen-bf16-math``: sft_varlen in bf16 with sft's GEMM backward (``model.fast_attention_backward``, the
-  default) in place of the flash kernel's.
+  default) in place of the flash kernel's;
+* ``varlen-fp32-lean``: sft_varlen computed in fp32 for bf16 inputs with ``model.fast_attention_backward`` (the
+  default without AMX): bf16 kept for the backward, k/v with their own heads.
 
 Each candidate runs once to warm up and then ``--repeats`` times, interleaved and in alternating order; the
 median and the spread are printed with the CPU's bf16 flags.
@@ -80,10 +82,10 @@ def candidates(shape: str, batch: int, length: int, dtype: torch.dtype):
         return run
 
     runs = {"mask": masked, "varlen-bf16": varlen("0"), "varlen-fp32": varlen("1"),
-            "varlen-bf16-math": varlen("0", math_module)}
+            "varlen-bf16-math": varlen("0", math_module), "varlen-fp32-lean": varlen("1", math_module)}
     if dtype != torch.bfloat16:
-        runs.pop("varlen-fp32")
-        runs.pop("varlen-bf16-math")
+        for name in ("varlen-fp32", "varlen-bf16-math", "varlen-fp32-lean"):
+            runs.pop(name)
         runs["varlen"] = runs.pop("varlen-bf16")
     return runs
 

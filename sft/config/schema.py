@@ -212,8 +212,8 @@ class TrainingConfig:
         "auto",
         "Host memory allocator (CPU). auto: on hosts without an NVIDIA driver, tcmalloc where installed, else "
         "jemalloc, else mimalloc (installed with sft from PyPI on x86-64 Linux), else the system's (glibc) malloc "
-        "(on the AMX Xeon tcmalloc trained SmolLM2 1.23x faster than glibc at 0.81x its peak RSS). `sft train` and `sft launch` start their processes with it "
-        "preloaded (LD_PRELOAD); the Python API reports the allocator its process runs on. A named allocator "
+        "(on the AMX Xeon tcmalloc trained SmolLM2 1.23x faster than glibc at 0.81x its peak RSS). `sft train` and "
+        "`sft launch` start their processes with it preloaded (LD_PRELOAD); the Python API reports the allocator its process runs on. A named allocator "
         "that is not installed is an error naming the package to install.",
     )
     resume: Optional[str] = _f(

@@ -185,7 +185,8 @@ def lean_attention(model, model_cfg) -> bool:
     through sft_varlen)."""
     from sft.ops.attention import NAME, upcast_on_cpu
 
-    return (model_cfg.fast_attention_backward and not torch.cuda.is_available() and resolve_dtype_policy(model_cfg.dtype) in ("bf16", "bf16-mixed")
+    return (model_cfg.fast_attention_backward and not torch.cuda.is_available()
+            and resolve_dtype_policy(model_cfg.dtype) in ("bf16", "bf16-mixed")
             and getattr(model.config, "_attn_implementation", None) == NAME and upcast_on_cpu(torch.bfloat16))
 
 

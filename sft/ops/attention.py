@@ -127,11 +127,15 @@ class _CausalFlashFp32Lean(torch.autograd.Function):
     rowsum(dO * O) (gradient error against fp64 in tests/test_packed_attention.py)."""
 
     @staticmethod
+    def _fp32_heads(k, v, rep: int):
+        """k and v in fp32, expanded to the query heads (the CPU flash kernel takes no grouped heads)."""
+        kf, vf = k.float(), v.float()
+        return (kf.repeat_interleave(rep, 0), vf.repeat_interleave(rep, 0)) if rep > 1 else (kf, vf)
+
+    @staticmethod
     def forward(ctx, q, k, v, scale: float):
         rep = q.shape[0] // k.shape[0]
-        kf, vf = k.float(), v.float()
-        if rep > 1:
-            kf, vf = kf.repeat_interleave(rep, 0), vf.repeat_interleave(rep, 0)
+        kf, vf = _CausalFlashFp32Lean._fp32_heads(k, v, rep)
         out, lse = _flash_cpu(q.float()[None], kf[None], vf[None], 0.0, True, scale=scale)
         out = out[0].to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -142,9 +146,7 @@ class _CausalFlashFp32Lean(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
         rep = ctx.rep
-        kf, vf = k.float(), v.float()
-        if rep > 1:
-            kf, vf = kf.repeat_interleave(rep, 0), vf.repeat_interleave(rep, 0)
+        kf, vf = _CausalFlashFp32Lean._fp32_heads(k, v, rep)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad.float()[None], q.float()[None], kf[None], vf[None], out.float()[None], lse, 0.0, True,
             scale=ctx.scale)
@@ -159,11 +161,13 @@ class _CausalFlashFp32Lean(torch.autograd.Function):
 #: (``model.fast_attention_backward``); read here
 MATH_BACKWARD_ATTR = "_sft_attention_math_backward"
 
-_state = {"runs": 0, "lean": 0}  # documents whose attention took the math backward (the canary reads it); layer calls of _lean_fp32
+# runs: documents whose attention took the math backward (the canary reads it); lean: layer calls that kept bf16
+# for an fp32 computation (:class:`_CausalFlashFp32Lean`)
+_state = {"runs": 0, "lean": 0}
 
 
 def lean_runs() -> int:
-    """How many layer calls took :func:`_lean_fp32` (bf16 computed in fp32, bf16 kept) in this process."""
+    """How many layer calls took :class:`_CausalFlashFp32Lean` (bf16 computed in fp32, bf16 kept) in this process."""
     return _state["lean"]
 
 
@@ -172,11 +176,15 @@ def runs() -> int:
     return _state["runs"]
 
 
-def _attend(q, k, v, dropout: float, scaling, math_backward: bool):
-    """Causal attention of one document, (H, len, D) -> (H, len, D)."""
+def _attend(q, k, v, dropout: float, scaling, math_backward: bool, lean: bool = False):
+    """Causal attention of one document, (H, len, D) -> (H, len, D); with ``lean``, k and v keep their own (KV)
+    heads."""
+    scale = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    if lean:
+        return _CausalFlashFp32Lean.apply(q, k, v, scale)
     if math_backward and (q.requires_grad or k.requires_grad or v.requires_grad):
         _state["runs"] += 1
-        return _CausalFlashMathBackward.apply(q, k, v, q.shape[-1] ** -0.5 if scaling is None else float(scaling))
+        return _CausalFlashMathBackward.apply(q, k, v, scale)
     return F.scaled_dot_product_attention(q[None], k[None], v[None], dropout_p=dropout, is_causal=True,
                                           scale=scaling)[0]
 
@@ -202,39 +210,30 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     if pos.shape[0] != query.shape[0]:
         pos = pos.expand(query.shape[0], -1)
     out_dtype = query.dtype
-    if (getattr(module, MATH_BACKWARD_ATTR, False) and query.device.type == "cpu" and upcast_on_cpu(query.dtype)
-            and dropout == 0.0
-            and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-            and query.shape[1] % key.shape[1] == 0):
-        return _lean_fp32(query, key, value, pos, query.shape[-1] ** -0.5 if scaling is None else float(scaling))
-    if query.shape[1] != key.shape[1]:
+    # bf16 computed in fp32 while training (no AMX): each document casts inside _CausalFlashFp32Lean, which keeps
+    # the bf16 tensors (k/v with their own heads) for its backward instead of autograd's fp32 copies
+    lean = (getattr(module, MATH_BACKWARD_ATTR, False) and query.device.type == "cpu" and upcast_on_cpu(query.dtype)
+            and dropout == 0.0 and torch.is_grad_enabled()
+            and (query.requires_grad or key.requires_grad or value.requires_grad)
+            and query.shape[1] % key.shape[1] == 0)
+    if lean:
+        _state["lean"] += 1
+    elif query.shape[1] != key.shape[1]:
         # grouped-query attention: expand k/v to the query heads (SDPA's enable_gqa leaves the CPU flash kernel)
         rep = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
     # unbind/split, not slicing: a slice's backward writes its gradient into a zero tensor of the whole input,
     # and autograd then adds those up, O(documents x block) per layer; split's backward is one concatenation.
     # Measured on OPT-125m 8 x 512 (bf16, 2-core EPYC): SliceBackward + its fill_/add_ took ~1.7 s of a 10.4 s step.
-    if query.device.type == "cpu" and upcast_on_cpu(query.dtype):
+    if not lean and query.device.type == "cpu" and upcast_on_cpu(query.dtype):
         query, key, value = query.float(), key.float(), value.float()
-    math = (getattr(module, MATH_BACKWARD_ATTR, False) and query.device.type == "cpu"
+    math = (not lean and getattr(module, MATH_BACKWARD_ATTR, False) and query.device.type == "cpu"
             and query.dtype == torch.bfloat16 and dropout == 0.0)
     rows = []
     for qb, kb, vb, spans in zip(query.unbind(0), key.unbind(0), value.unbind(0), document_spans(pos)):
         sizes = [e - s for s, e in spans]
-        parts = [_attend(q, k, v, dropout, scaling, math).transpose(0, 1)  # (len, H, D)
+        parts = [_attend(q, k, v, dropout, scaling, math, lean).transpose(0, 1)  # (len, H, D)
                  for q, k, v in zip(qb.split(sizes, dim=1), kb.split(sizes, dim=1), vb.split(sizes, dim=1))]
         rows.append(torch.cat(parts, dim=0) if len(parts) > 1 else parts[0].contiguous())
     return torch.stack(rows, dim=0).to(out_dtype), None  # (B, L, H, D), contiguous
 
-
-def _lean_fp32(query, key, value, pos, scale: float):
-    """bf16 training attention computed in fp32 (no AMX) through :class:`_CausalFlashFp32Lean`, document by
-    document; (B, H, L, D) in, (B, L, H, D) bf16 out."""
-    _state["lean"] += 1
-    rows = []
-    for qb, kb, vb, spans in zip(query.unbind(0), key.unbind(0), value.unbind(0), document_spans(pos)):
-        sizes = [e - s for s, e in spans]
-        parts = [_CausalFlashFp32Lean.apply(q, k, v, scale).transpose(0, 1)  # (len, H, D)
-                 for q, k, v in zip(qb.split(sizes, dim=1), kb.split(sizes, dim=1), vb.split(sizes, dim=1))]
-        rows.append(torch.cat(parts, dim=0) if len(parts) > 1 else parts[0].contiguous())
-    return torch.stack(rows, dim=0), None
