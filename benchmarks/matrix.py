@@ -109,6 +109,8 @@ BUILTIN_VARIANTS: dict[str, Variant] = {
                           "framework with transformers' RMSNorm (no compiled kernel; Llama family)"),
     "eager-mlp": Variant("framework", {"model.fused_mlp": False},
                          "framework with transformers' SwiGLU product (silu(gate) stored; Llama family)"),
+    "eager-rope": Variant("framework", {"model.fused_rope": False},
+                          "framework with transformers' rotary embedding (eager bf16 ops; Llama family)"),
 }
 
 

@@ -120,8 +120,8 @@ def test_nothing_outside_sft_patches_assigns_to_library_objects():
 # -- the patched paths run in a real training step ------------------------------------------------------------------
 
 # the patches of a LoRA run on a Llama-family model in bf16-mixed on CPU, with their run counters
-FUSED = [tf_patches.FUSED_NORM, tf_patches.FUSED_MLP, tf_patches.CHUNKED_LOSS, tf_patches.MATH_BACKWARD,
-         "peft.lora_linear_forward", "peft.lora_dropout_modules"]
+FUSED = [tf_patches.FUSED_NORM, tf_patches.FUSED_MLP, tf_patches.FUSED_ROPE, tf_patches.CHUNKED_LOSS,
+         tf_patches.MATH_BACKWARD, "peft.lora_linear_forward", "peft.lora_dropout_modules"]
 
 
 def _counts() -> dict[str, int]:

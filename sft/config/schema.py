@@ -89,6 +89,13 @@ class ModelConfig:
         "intermediate-sized tensor less per layer; sft/ops/mlp.py). Needs a C++ compiler; without one it warns "
         "once and keeps transformers' MLP.",
     )
+    fused_rope: bool = _f(
+        True,
+        "On CPU, apply the rotary position embedding of Llama-family attention to q and k as one "
+        "torch.compile-generated kernel per direction while training, computed in fp32 and rounded once "
+        "(sft/ops/rope.py). Swaps the modeling module's apply_rotary_pos_emb for the process. Needs a C++ compiler; "
+        "without one it warns once and keeps transformers' function.",
+    )
     fast_attention_backward: bool = _f(
         True,
         "With sft_varlen attention in bf16 on CPU, compute each document's attention backward as four GEMMs (S and dP "

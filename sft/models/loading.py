@@ -156,6 +156,8 @@ def prepare_model(model, tokenizer, model_cfg: ModelConfig, lora_cfg: LoraSectio
         model._sft_fused_norm = tf_patches.install_fused_norm(model) > 0
     if model_cfg.fused_mlp and not zero3_init():
         model._sft_fused_mlp = tf_patches.install_fused_mlp(model) > 0
+    if model_cfg.fused_rope:
+        tf_patches.install_fused_rope(model)
     if model_cfg.fast_attention_backward:
         tf_patches.use_math_backward(model)
     if lora_cfg is not None:

@@ -27,6 +27,7 @@ TORCH = (f"torch {VERIFIED['torch']}",)  # the kernels' torch (torch.compile, th
 
 FUSED_NORM = "transformers.rmsnorm_forward"
 FUSED_MLP = "transformers.mlp_forward"
+FUSED_ROPE = "transformers.apply_rotary_pos_emb"
 CHUNKED_LOSS = "transformers.causal_lm_forward"
 
 
@@ -42,6 +43,37 @@ def install_fused_mlp(model: torch.nn.Module) -> int:
     from sft.ops import mlp
 
     return route_forward(model, mlp.applies_to, mlp.swiglu_mlp, FUSED_MLP)
+
+
+def install_fused_rope(model: torch.nn.Module) -> int:
+    """Swap ``apply_rotary_pos_emb`` for :func:`sft.ops.rope.fused` of it in the transformers modeling module of
+    every attention layer of ``model`` whose forward calls it, where it computes Llama's (process-wide: every model of those modules runs it from now on). Returns how many of ``model``'s attention
+    modules now run the fused function."""
+    import sys
+
+    from sft.ops import rope
+
+    n = 0
+    for m in model.modules():
+        cls = type(m)
+        mod = sys.modules.get(cls.__module__)
+        fn = getattr(mod, "apply_rotary_pos_emb", None)
+        if fn is None or not cls.__name__.endswith("Attention"):
+            continue
+        try:
+            calls = "apply_rotary_pos_emb(" in inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            calls = False
+        if not calls:
+            continue
+        if not hasattr(fn, "_sft_original"):
+            if not rope.is_llama_rope(fn):
+                continue
+            mod.apply_rotary_pos_emb = rope.fused(fn)
+        n += 1
+    if n:
+        _ran(FUSED_ROPE)
+    return n
 
 
 def install_chunked_loss(model, chunk: int | None = None) -> bool:
@@ -110,6 +142,19 @@ def _check_fused_mlp() -> None:
          "a SiLU act_fn (sft.ops.mlp.applies_to)")
 
 
+def _check_fused_rope() -> None:
+    from sft.ops import rope
+
+    mod = importlib.import_module(LLAMA)
+    fn = need_attr(mod, "apply_rotary_pos_emb", FUSED_ROPE)
+    need(rope.is_llama_rope(getattr(fn, "_sft_original", fn)), FUSED_ROPE,
+         "Llama's apply_rotary_pos_emb(q, k, cos, sin) no longer computes q * cos + rotate_half(q) * sin "
+         "(sft.ops.rope.is_llama_rope)")
+    cls = need_attr(mod, "LlamaAttention", FUSED_ROPE)
+    need("apply_rotary_pos_emb(query_states, key_states, cos, sin)" in inspect.getsource(cls.forward), FUSED_ROPE,
+         "LlamaAttention.forward no longer calls apply_rotary_pos_emb(query_states, key_states, cos, sin)")
+
+
 def _check_chunked_loss() -> None:
     mod = importlib.import_module(LLAMA)
     cls = need_attr(mod, "LlamaForCausalLM", CHUNKED_LOSS)
@@ -145,6 +190,16 @@ register(
     why="model.fused_mlp: fewer passes, silu(g) never stored (sft/ops/mlp.py)",
     alternative="none documented for CPU (Hub kernels have no CPU SwiGLU); kept",
     where=__name__, check=_check_fused_mlp, runs=_op_runs("sft.ops.mlp"), also=TORCH)
+
+register(
+    FUSED_ROPE, "transformers", "apply_rotary_pos_emb of transformers modeling modules (computing Llama's)",
+    "module-function",
+    what="the module's apply_rotary_pos_emb becomes sft.ops.rope.fused of it (q and k rotated by one compiled CPU "
+         "kernel per direction while autograd is on; the original function otherwise)",
+    why="model.fused_rope: one pass over q and k instead of five, no zeroed half-slice gradients (sft/ops/rope.py)",
+    alternative="transformers' Hub kernels (use_kernelized_func / kernelize for rotary_pos_emb): fetch code from the "
+                "Hub and have no CPU kernel; kept off",
+    where=__name__, check=_check_fused_rope, runs=_op_runs("sft.ops.rope"), also=TORCH)
 
 register(
     CHUNKED_LOSS, "transformers", "<Model>ForCausalLM instance forward (model types in capabilities.PLAIN_LM_HEAD)",
