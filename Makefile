@@ -31,7 +31,7 @@ GPU_VENV ?= .venv-gpuimage
 GPU_IMAGE_PINS = transformers==5.17.0 accelerate==1.15.0 huggingface_hub==1.33.0 tokenizers==0.23.2 \
 	safetensors==0.8.0 peft==0.21.0 bitsandbytes==0.50.2 deeplake==4.7.4 gguf==0.19.0
 GPU_VERSION_TESTS = tests/test_e2e.py tests/test_qlora.py tests/test_merging.py tests/test_arrow_source.py \
-	tests/test_qlora_guards.py tests/test_gpu_check.py tests/test_patches.py
+	tests/test_qlora_guards.py tests/test_gpu_check.py tests/test_patches.py tests/test_rope.py
 
 $(GPU_VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(GPU_VENV)
